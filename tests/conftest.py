@@ -1,0 +1,20 @@
+"""Test-wide setup. Runs before anything imports jax.
+
+Eight fake CPU devices let the sharding tests build a real (data, fsdp) mesh; single-device code
+is unaffected (it places arrays on device 0). jaxtyping + beartype checking of every annotated
+function in `eqx_energy` is switched on by pytest's `--jaxtyping-packages` option (pyproject.toml).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
