@@ -1,0 +1,11 @@
+"""eqx_energy: energy-based action correction for flow-matching VLA policies, in JAX + Equinox.
+
+Classes are re-exported here; functions stay in their modules (`eqx_energy.losses`,
+`eqx_energy.correct`), so `import eqx_energy.correct` keeps working.
+"""
+
+from eqx_energy.correct import CorrectionConfig as CorrectionConfig
+from eqx_energy.correct import CorrectionTrace as CorrectionTrace
+from eqx_energy.energy import ContextEncoding as ContextEncoding
+from eqx_energy.energy import EnergyConfig as EnergyConfig
+from eqx_energy.energy import EnergyModel as EnergyModel

@@ -1,0 +1,240 @@
+"""Contrastive losses for the energy head. Batched: inputs carry a leading b axis.
+
+Every loss returns `(loss, metrics)` with at least the keys of `METRIC_KEYS` (f32 scalars):
+loss, e_pos (mean positive energy), e_neg (mean negative energy), accuracy (the positive has the
+lowest energy), logit_min, logit_max, energy_std (std of every energy the loss saw).
+Masks are True = valid; actions are the energy's `action_dim` dims in normalized space.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from eqx_energy._typing import BatchActions, BatchContext, BatchContextMask, Scalar
+from eqx_energy.energy import ContextEncoding, EnergyModel
+
+LOGIT_CLAMP = 50.0
+METRIC_KEYS = ("loss", "e_pos", "e_neg", "accuracy", "logit_min", "logit_max", "energy_std")
+
+Metrics = dict[str, Float[Array, ""]]
+
+
+def _split_or_none(key: PRNGKeyArray | None, num: int):
+    return [None] * num if key is None else list(jax.random.split(key, num))
+
+
+def _encode(model, context, actions, context_mask, key, inference):
+    """Context encodings (b of them) and action queries (b of them), each computed once."""
+    act_keys = None if key is None else jax.random.split(key, actions.shape[0])
+    encode_actions = lambda a, k: model.encode_actions(a, key=k, inference=inference)  # noqa: E731
+    queries = jax.vmap(encode_actions)(actions, act_keys)
+    return jax.vmap(model.encode_context)(context, context_mask), queries
+
+
+def pairwise_energies(
+    model: EnergyModel,
+    encodings: ContextEncoding,
+    queries: Float[Array, "b h d"],
+    *,
+    chunk: int | None = None,
+) -> Float[Array, "b b"]:
+    """E_ij = E(context_i, actions_j) from b context encodings and b action query sets.
+
+    Rows are computed `chunk` at a time under `jax.checkpoint`, so the backward pass holds one
+    chunk's attention activations instead of all b² of them.
+    """
+    batch = queries.shape[0]
+    pair = lambda enc, q: jnp.mean(model.step_energies(enc, q))  # noqa: E731
+    row = jax.vmap(pair, in_axes=(None, 0))  # one context against every action chunk
+    rows = jax.vmap(row, in_axes=(0, None))
+    if chunk is None or chunk >= batch:
+        return rows(encodings, queries)
+    if batch % chunk:
+        raise ValueError(f"chunk={chunk} must divide the batch size b={batch}")
+    chunked = jax.tree.map(lambda x: x.reshape(batch // chunk, chunk, *x.shape[1:]), encodings)
+    energies = jax.lax.map(jax.checkpoint(lambda enc: rows(enc, queries)), chunked)
+    return energies.reshape(batch, batch)
+
+
+def _cross_entropy_metrics(energies: Float[Array, "b m"], tau, positive_index) -> tuple[Scalar, Metrics]:
+    """CE over logits clip(-E/tau, ±50) with the positive at `positive_index` (b,) per row."""
+    logits = jnp.clip(-energies / tau, -LOGIT_CLAMP, LOGIT_CLAMP)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive_index))
+    is_positive = jax.nn.one_hot(positive_index, energies.shape[1], dtype=bool)
+    num_neg = energies.shape[0] * (energies.shape[1] - 1)
+    metrics = {
+        "loss": loss,
+        "e_pos": jnp.sum(jnp.where(is_positive, energies, 0.0)) / energies.shape[0],
+        "e_neg": jnp.sum(jnp.where(is_positive, 0.0, energies)) / max(num_neg, 1),
+        "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == positive_index).astype(jnp.float32),
+        "logit_min": jnp.min(logits),
+        "logit_max": jnp.max(logits),
+        "energy_std": jnp.std(energies),
+    }
+    return loss, metrics
+
+
+def infonce_inbatch(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    *,
+    tau: float | Float[Array, ""],
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+    chunk: int | None = None,
+) -> tuple[Scalar, Metrics]:
+    """In-batch swap InfoNCE (seed 002): other samples' chunks are the negatives.
+
+    E_ij = E(c_i, a_j); logits_ij = clip(-E_ij / tau, ±50); loss = CE(logits, diag).
+    Factored: b context encodings and b action encodings, never b² context copies.
+    Dropout (on the action tokens) is active when `key` is given and `inference=False`.
+    """
+    encodings, queries = _encode(model, context, actions, context_mask, key, inference)
+    energies = pairwise_energies(model, encodings, queries, chunk=chunk)
+    return _cross_entropy_metrics(energies, tau, jnp.arange(actions.shape[0]))
+
+
+# ----------------------------------------------------------------------------- negatives (seed 004)
+
+
+def gaussian_negatives(
+    key: PRNGKeyArray, actions: BatchActions, sigmas: Float[Array, " n"]
+) -> Float[Array, "b n h a"]:
+    """a + sigma_k * N(0, I), one negative per sigma."""
+    noise = jax.random.normal(key, (actions.shape[0], sigmas.shape[0], *actions.shape[1:]))
+    return actions[:, None] + sigmas[None, :, None, None] * noise
+
+
+def shuffle_negatives(key: PRNGKeyArray, actions: BatchActions, num: int = 1) -> Float[Array, "b n h a"]:
+    """The chunk's steps in a random order (breaks temporal structure), `num` per example."""
+    batch, horizon = actions.shape[:2]
+    keys = jax.random.split(key, batch * num).reshape(batch, num)
+    perms = jax.vmap(jax.vmap(lambda k: jax.random.permutation(k, horizon)))(keys)
+    return jax.vmap(lambda a, p: a[p])(actions, perms)
+
+
+def swap_negatives(actions: BatchActions, num: int = 1) -> Float[Array, "b n h a"]:
+    """Chunks of other samples: a_{(i + k) mod b} for k = 1..num."""
+    if not 0 < num < actions.shape[0]:
+        raise ValueError(f"swap negatives need 0 < num < b, got num={num}, b={actions.shape[0]}")
+    return jnp.stack([jnp.roll(actions, -k, axis=0) for k in range(1, num + 1)], axis=1)
+
+
+class NegativeSampler(eqx.Module):
+    """Builds explicit negatives: gaussian at `sigmas`, `num_shuffle` shuffles, `num_swap` swaps."""
+
+    sigmas: Float[Array, " n"] = eqx.field(converter=lambda x: jnp.asarray(x, jnp.float32))
+    num_shuffle: int = eqx.field(static=True, default=1)
+    num_swap: int = eqx.field(static=True, default=1)
+
+    def __call__(self, key: PRNGKeyArray, actions: BatchActions) -> Float[Array, "b m h a"]:
+        noise_key, shuffle_key = jax.random.split(key)
+        parts = [gaussian_negatives(noise_key, actions, self.sigmas)]
+        if self.num_shuffle:
+            parts.append(shuffle_negatives(shuffle_key, actions, self.num_shuffle))
+        if self.num_swap:
+            parts.append(swap_negatives(actions, self.num_swap))
+        return jnp.concatenate(parts, axis=1)
+
+
+def _positive_and_negative_energies(model, context, actions, negatives, context_mask, key, inference):
+    """E(c_i, a_i) and E(c_i, n_ik), the context encoded once per example."""
+    pos_key, neg_key = _split_or_none(key, 2)
+    encodings, queries = _encode(model, context, actions, context_mask, pos_key, inference)
+    b, m = negatives.shape[:2]
+    flat = negatives.reshape(b * m, *negatives.shape[2:])
+    neg_keys = None if neg_key is None else jax.random.split(neg_key, b * m)
+    encode = lambda a, k: model.encode_actions(a, key=k, inference=inference)  # noqa: E731
+    neg_queries = jax.vmap(encode)(flat, neg_keys).reshape(b, m, *queries.shape[1:])
+    pair = lambda enc, q: jnp.mean(model.step_energies(enc, q))  # noqa: E731
+    e_pos = jax.vmap(pair)(encodings, queries)
+    e_neg = jax.vmap(jax.vmap(pair, in_axes=(None, 0)))(encodings, neg_queries)
+    return e_pos, e_neg
+
+
+def infonce_explicit(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    negatives: Float[Array, "b m h a"],
+    *,
+    tau: float | Float[Array, ""],
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[Scalar, Metrics]:
+    """InfoNCE against explicit negatives: logits_i = clip(-[E(c_i,a_i), E(c_i,n_i1..m)] / tau, ±50),
+    loss = CE(logits, 0)."""
+    e_pos, e_neg = _positive_and_negative_energies(
+        model, context, actions, negatives, context_mask, key, inference
+    )
+    energies = jnp.concatenate([e_pos[:, None], e_neg], axis=1)
+    return _cross_entropy_metrics(energies, tau, jnp.zeros(actions.shape[0], jnp.int32))
+
+
+def hinge(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    negatives: Float[Array, "b m h a"],
+    *,
+    margin: float | Float[Array, ""] = 0.5,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[Scalar, Metrics]:
+    """Margin loss mean_ik relu(margin + E(c_i,a_i) - E(c_i,n_ik)): positives at least `margin`
+    below every negative. (Seed 004 wrote relu(E_neg - E_pos + margin), which rewards the inverse.)
+    Logits in the metrics are -E (tau = 1)."""
+    e_pos, e_neg = _positive_and_negative_energies(
+        model, context, actions, negatives, context_mask, key, inference
+    )
+    loss = jnp.mean(jax.nn.relu(margin + e_pos[:, None] - e_neg))
+    energies = jnp.concatenate([e_pos[:, None], e_neg], axis=1)
+    _, metrics = _cross_entropy_metrics(energies, 1.0, jnp.zeros(actions.shape[0], jnp.int32))
+    return loss, {**metrics, "loss": loss}
+
+
+def mixed(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    negatives: Float[Array, "b m h a"],
+    *,
+    tau: float | Float[Array, ""],
+    margin: float | Float[Array, ""] = 0.5,
+    infonce_weight: float | Float[Array, ""] = 1.0,
+    margin_weight: float | Float[Array, ""] = 0.0,
+    diversity_weight: float | Float[Array, ""] = 0.0,
+    min_std: float | Float[Array, ""] = 0.1,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+    chunk: int | None = None,
+) -> tuple[Scalar, Metrics]:
+    """w_nce * InfoNCE_inbatch + w_margin * hinge(negatives) + w_div * relu(min_std - std(E))
+    (seed 004 "方案5"; a schedule over the weights is the caller's business).
+    Headline metrics are the in-batch InfoNCE's; each term is reported as loss_<term>."""
+    nce_key, hinge_key = _split_or_none(key, 2)
+    nce, metrics = infonce_inbatch(
+        model, context, actions, context_mask, tau=tau, key=nce_key, inference=inference, chunk=chunk
+    )
+    margin_loss, hinge_metrics = hinge(
+        model, context, actions, context_mask, negatives, margin=margin, key=hinge_key, inference=inference
+    )
+    diversity = jax.nn.relu(min_std - metrics["energy_std"])
+    loss = infonce_weight * nce + margin_weight * margin_loss + diversity_weight * diversity
+    return loss, {
+        **metrics,
+        "loss": loss,
+        "loss_infonce": nce,
+        "loss_margin": margin_loss,
+        "loss_diversity": diversity,
+        "e_neg_explicit": hinge_metrics["e_neg"],
+    }
