@@ -1,0 +1,140 @@
+"""The one place that names mesh axes: a (data, fsdp) mesh, FSDP parameter shardings, batch sharding.
+
+Parameters: an array of at least `min_bytes` is split over "fsdp" on its largest axis divisible
+by the fsdp size; smaller or indivisible arrays are replicated. Batches: the leading axis is split
+over all devices, ("data", "fsdp"), since FSDP devices also take different examples (as openpi).
+Model code never names an axis; it stays sharding-agnostic and the compiler propagates layouts.
+
+Multi-host: call `maybe_initialize_distributed()` first thing in the program (before any JAX
+computation). It runs `jax.distributed.initialize()` when one of these says a job spans processes:
+  - JAX_COORDINATOR_ADDRESS (host:port of process 0), with JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    (any cluster; JAX reads the address itself, we pass the two counts);
+  - SLURM_NTASKS > 1 (srun; JAX reads the Slurm variables itself);
+  - OMPI_COMM_WORLD_SIZE > 1 (mpirun from Open MPI; JAX reads its variables itself).
+Each process then feeds its own slice of the global batch to `shard_batch`.
+"""
+
+import logging
+import os
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+logger = logging.getLogger(__name__)
+
+DATA = "data"
+FSDP = "fsdp"
+BATCH_AXES = (DATA, FSDP)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over all devices with Auto axis types; -1 = the devices left over.
+
+    Auto, not jax's default Explicit: Explicit axes break `eqx.filter_shard` and unannotated
+    matmuls between FSDP-sharded weights and data-sharded activations.
+    """
+    n = jax.device_count()
+    if data == -1 and fsdp == -1:
+        raise ValueError("make_mesh: at most one of data and fsdp may be -1, got both; give fsdp a size")
+    if fsdp == -1:
+        fsdp = n // data if data > 0 and n % data == 0 else 0
+    if data == -1:
+        data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+    if data <= 0 or fsdp <= 0 or data * fsdp != n:
+        raise ValueError(
+            f"make_mesh: data x fsdp must equal the {n} devices, got data={data}, fsdp={fsdp}; "
+            f"pick sizes whose product is {n}, or -1 for one of them"
+        )
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def fsdp_spec(shape: tuple[int, ...], itemsize: int, fsdp_size: int, min_bytes: int) -> P:
+    """P with "fsdp" on the largest axis divisible by `fsdp_size`, or P() (replicated)."""
+    if fsdp_size == 1 or len(shape) == 0 or int(np.prod(shape)) * itemsize < min_bytes:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+        if shape[axis] % fsdp_size == 0:
+            spec: list[str | None] = [None] * len(shape)
+            spec[axis] = FSDP
+            return P(*spec)
+    return P()
+
+
+def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int = 4 * 2**20) -> PyTree:
+    """NamedSharding per array leaf of `tree` (arrays or ShapeDtypeStructs); None elsewhere.
+
+    Leaves of at least `min_bytes` are FSDP-sharded by `fsdp_spec`; each decision is logged.
+    The result fits `jax.device_put`, `eqx.filter_shard` and `jax.ShapeDtypeStruct(sharding=)`.
+    """
+    fsdp_size = mesh.shape[FSDP]
+
+    def one(path, leaf):
+        if not (eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)):
+            return None
+        spec = fsdp_spec(tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, fsdp_size, min_bytes)
+        logger.info("sharding %s %s %s -> %s", jax.tree_util.keystr(path), leaf.dtype, tuple(leaf.shape), spec)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (scalars, small state, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch arrays: leading axis split over all devices ("data" then "fsdp"), the rest whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+    """This process's slice of the global batch (numpy or jax leaves) -> global arrays on `mesh`.
+
+    With one process the slice is the whole batch. The global leading size must divide by the
+    number of devices.
+    """
+    sharding = data_sharding(mesh)
+    n = mesh.size
+    local = jax.process_count()
+
+    def one(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0 or (x.shape[0] * local) % n:
+            raise ValueError(
+                f"shard_batch: leaf {jax.tree_util.keystr(path)} has shape {x.shape}; its leading (batch) "
+                f"axis times {local} process(es) must divide by the {n} devices of the mesh; "
+                f"change data.batch_size to a multiple of {n}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` if the environment describes a multi-process job (module doc).
+
+    Returns whether it initialized. Call before any other JAX computation; later calls are no-ops.
+    """
+    env = os.environ
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if not multi or jax.distributed.is_initialized():
+        return False
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    counts = {arg: int(env[var]) for arg, var in names.items() if var in env}
+    jax.distributed.initialize(**counts)
+    logger.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
