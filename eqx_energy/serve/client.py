@@ -8,6 +8,7 @@ connections the client retries every `retry_s` seconds, for at most `wait_s` sec
 (`wait_s=None` waits forever, as openpi does).
 """
 
+import contextlib
 import logging
 import time
 
@@ -42,8 +43,13 @@ class PolicyClient:
             self.uri += f":{port}"
         self._packer = wire.packer()
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
-        self._ws = self._connect(headers, wait_s, retry_s)
-        self.metadata = self._recv_metadata()
+        self._exit = contextlib.ExitStack()  # websockets wants its connection used as a context manager
+        self._ws = self._exit.enter_context(self._connect(headers, wait_s, retry_s))
+        try:
+            self.metadata = self._recv_metadata()
+        except BaseException:
+            self._exit.close()
+            raise
 
     def _connect(self, headers: dict | None, wait_s: float | None, retry_s: float) -> ws_client.ClientConnection:
         deadline = None if wait_s is None else time.monotonic() + wait_s
@@ -85,7 +91,7 @@ class PolicyClient:
         """Start of a new episode; a no-op, as in openpi (the server keeps no episode state)."""
 
     def close(self) -> None:
-        self._ws.close()
+        self._exit.close()
 
     def __enter__(self) -> "PolicyClient":
         return self

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import websockets
 import websockets.asyncio.server as ws_server
@@ -44,6 +44,7 @@ DEFAULT_MAX_SIZE = 16 * 2**20
 _ERROR_REASON = "Internal server error. Traceback included in previous frame."
 
 
+@runtime_checkable
 class Policy(Protocol):
     """openpi's BasePolicy shape: anything with `infer(obs) -> dict` and a `metadata` dict."""
 
@@ -136,7 +137,7 @@ class PolicyServer:
             state["loop"].call_soon_threadsafe(state["stop"].set_result, None)
             thread.join()
 
-    def _serve(self) -> ws_server.serve:
+    def _serve(self) -> ws_server.Server:
         self._infer_lock = asyncio.Lock()
         return ws_server.serve(
             self._handle,

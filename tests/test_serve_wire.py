@@ -1,0 +1,127 @@
+"""msgpack-numpy wire format: byte for byte against openpi's documented encoding, and round trips.
+
+Expected bytes are written out by hand from the msgpack spec: 0x8N fixmap, 0xaN / 0xbN fixstr,
+0xc4 bin8 (openpi's marker keys and array data are bin), 0xc3 true, 0x9N fixarray, 0xcb float64.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqx_energy.serve import wire
+
+
+def _ndarray_map(data: bytes, dtype: bytes, shape: bytes) -> bytes:
+    """openpi's array map, keys in its insertion order: __ndarray__, data, dtype, shape."""
+    return (
+        b"\x84"
+        + b"\xc4\x0b__ndarray__" + b"\xc3"
+        + b"\xc4\x04data" + b"\xc4" + bytes([len(data)]) + data
+        + b"\xc4\x05dtype" + bytes([0xA0 + len(dtype)]) + dtype
+        + b"\xc4\x05shape" + shape
+    )  # fmt: skip
+
+
+def test_observation_bytes_match_openpi_encoding():
+    obs = {
+        "observation/state": np.array([1.0, -2.0]),
+        "observation/image": np.array([[[1, 2, 3]]], dtype=np.uint8),
+        "prompt": "pick",
+    }
+    expected = (
+        b"\x83"
+        + b"\xb1observation/state"
+        + _ndarray_map(bytes.fromhex("000000000000f03f00000000000000c0"), b"<f8", b"\x91\x02")
+        + b"\xb1observation/image"
+        + _ndarray_map(b"\x01\x02\x03", b"|u1", b"\x93\x01\x01\x03")
+        + b"\xa6prompt\xa4pick"
+    )
+    assert wire.packb(obs) == expected
+    assert wire.packer().pack(obs) == expected
+
+
+def test_scalars_and_metadata_bytes_match_openpi_encoding():
+    # np.float32 / np.bool_ are numpy generics -> marker map; np.float64 subclasses float -> plain float64.
+    f32 = b"\x83\xc4\x0d__npgeneric__\xc3\xc4\x04data\xcb" + bytes.fromhex("3ff8000000000000") + b"\xc4\x05dtype\xa3<f4"
+    assert wire.packb(np.float32(1.5)) == f32
+    assert wire.packb(np.bool_(True)) == b"\x83\xc4\x0d__npgeneric__\xc3\xc4\x04data\xc3\xc4\x05dtype\xa3|b1"
+    assert wire.packb(np.float64(1.5)) == b"\xcb" + bytes.fromhex("3ff8000000000000")
+    assert wire.packb({}) == b"\x80"  # LIBERO's metadata
+    assert wire.packb({"reset_pose": [0, 1]}) == b"\x81\xaareset_pose\x92\x00\x01"
+
+
+def test_array_layouts():
+    # Non-contiguous arrays go out in C order; big-endian dtypes keep their byte order; jax arrays
+    # encode as the numpy array they hold.
+    a = np.arange(6, dtype=np.int16).reshape(2, 3)
+    assert wire.packb(a.T) == wire.packb(np.ascontiguousarray(a.T))
+    assert wire.packb(a.T) == _ndarray_map(np.ascontiguousarray(a.T).tobytes(), b"<i2", b"\x92\x03\x02")
+    big = np.array([1, 258], dtype=">i4")
+    assert wire.packb(big) == _ndarray_map(b"\x00\x00\x00\x01\x00\x00\x01\x02", b">i4", b"\x91\x02")
+    assert wire.packb(jnp.arange(3.0)) == wire.packb(np.arange(3.0, dtype=np.float32))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1,
+        1.0,
+        "hello",
+        [1, 2, 3],
+        {"key": [1, 2, 3]},
+        np.bool_(True),
+        np.int64(7),
+        np.float32(0.25),
+        np.array(1.0),
+        np.array([1, 2, 3], dtype=np.int32),
+        np.array(["asdf", "qwer"]),
+        np.array([True, False]),
+        np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32),
+        np.array([np.nan, np.inf, -np.inf]),
+        np.zeros((2, 0, 3), dtype=np.uint8),
+        {"arr": np.array([1, 2, 3]), "nested": {"arr": np.array([4, 5, 6], dtype=">u2")}},
+        [np.array([1, 2]), np.array([3.0, 4.0])],
+    ],
+)
+def test_round_trip(value):
+    def check(expected, got):
+        if isinstance(expected, dict):
+            assert list(expected) == list(got)
+            for k in expected:
+                check(expected[k], got[k])
+        elif isinstance(expected, list):
+            assert len(expected) == len(got)
+            for e, g in zip(expected, got):
+                check(e, g)
+        elif isinstance(expected, (np.ndarray, np.generic)):
+            assert type(got) is type(expected)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert type(got) is type(expected) and got == expected
+
+    check(value, wire.unpackb(wire.packb(value)))
+
+
+def test_str_and_float64_scalars_decode_as_python_values():
+    # They subclass str / float, so msgpack packs them natively, as with openpi's encoder.
+    got = wire.unpackb(wire.packb([np.str_("asdf"), np.float64(0.5)]))
+    assert got == ["asdf", 0.5] and type(got[0]) is str and type(got[1]) is float
+
+
+def test_decoded_arrays_are_read_only_views():
+    got = wire.unpackb(wire.packb({"a": np.arange(4.0)}))["a"]
+    assert not got.flags.writeable
+    with pytest.raises(ValueError):
+        got[0] = 1.0
+
+
+@pytest.mark.parametrize("value", [np.array([1 + 2j]), np.array([object()]), np.zeros(2, dtype="V4"), np.complex64(1)])
+def test_unsupported_dtypes_raise(value):
+    with pytest.raises(ValueError, match="cannot encode an array of dtype"):
+        wire.packb({"x": value})
+
+
+def test_unknown_type_raises():
+    with pytest.raises(TypeError, match="cannot encode an object of type set"):
+        wire.packb({"x": {1, 2}})
