@@ -1,0 +1,1 @@
+"""Checkpoints: openpi parameter directories (`openpi`)."""
