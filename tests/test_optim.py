@@ -1,0 +1,205 @@
+"""Per-group AdamW: state only for trainable leaves, schedules, warm-steps delay, EMA, skip guard."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eqx_energy.train.config import OptimConfig
+from eqx_energy.train.optim import (
+    OptState,
+    ema_update,
+    group_labels,
+    guarded_update,
+    lr_schedule,
+    make_optimizer,
+)
+
+
+class Container(eqx.Module):
+    policy: eqx.nn.MLP
+    energy: eqx.nn.MLP
+
+    def __init__(self, *, key):
+        kp, ke = jax.random.split(key)
+        self.policy = eqx.nn.MLP(4, 4, width_size=8, depth=1, key=kp)
+        self.energy = eqx.nn.MLP(4, 1, width_size=8, depth=1, key=ke)
+
+    def __call__(self, x):
+        return self.energy(self.policy(x))[0]
+
+
+def split(model, mode):
+    spec = jax.tree.map(lambda _: False, model)
+    if mode == "energy_only":
+        spec = eqx.tree_at(lambda m: m.energy, spec, replace=jax.tree.map(eqx.is_inexact_array, model.energy))
+    else:
+        spec = jax.tree.map(eqx.is_inexact_array, model)
+    return eqx.partition(model, spec)
+
+
+def loss_fn(trainable, frozen, x):
+    model = eqx.combine(trainable, frozen)
+    return jnp.mean(jax.vmap(model)(x) ** 2)
+
+
+def sizes(tree):
+    return sorted(x.size for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x))
+
+
+def test_state_only_for_trainable_leaves_and_frozen_untouched(key):
+    model = Container(key=key)
+    trainable, frozen = split(model, "energy_only")
+    params = eqx.filter(trainable, eqx.is_inexact_array)
+    labels = group_labels(params)
+    assert set(jax.tree.leaves(labels)) == {"energy"}
+    opt = make_optimizer(OptimConfig(warmup_steps=0), labels, total_steps=10)
+    state = opt.init(params)
+    energy_sizes = sizes(model.energy)
+    # Adam's mu and nu per energy leaf, nothing for the policy.
+    assert sizes(state) == sorted(energy_sizes * 2)
+    x = jnp.ones((4, 4))
+    frozen_before = jax.tree.map(np.asarray, eqx.filter(frozen, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(trainable, state):
+        grads = eqx.filter_grad(loss_fn)(trainable, frozen, x)
+        updates, state = opt.update(grads, state, eqx.filter(trainable, eqx.is_inexact_array))
+        return eqx.apply_updates(trainable, updates), state
+
+    for _ in range(3):
+        trainable, state = step(trainable, state)
+    assert int(state.count) == 3
+    assert trainable.policy.layers[0].weight is None
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(eqx.filter(frozen, eqx.is_array))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert not np.array_equal(np.asarray(trainable.energy.layers[0].weight), np.asarray(model.energy.layers[0].weight))
+
+
+def test_joint_groups_have_own_lr(key):
+    model = Container(key=key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    labels = group_labels(params)
+    assert labels.policy.layers[0].weight == "policy" and labels.energy.layers[1].bias == "energy"
+    cfg = OptimConfig(energy_lr=1e-2, policy_lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)
+    opt = make_optimizer(cfg, labels, total_steps=10)
+    state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = opt.update(grads, state, params)
+    # First Adam step with a constant gradient moves every entry by -lr (bias-corrected m / sqrt(v) = 1),
+    # then global-norm clipping has scaled g but Adam is scale-invariant up to eps.
+    np.testing.assert_allclose(np.asarray(updates.energy.layers[0].weight), -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(updates.policy.layers[0].weight), -1e-4, rtol=1e-4)
+    lrs = opt.learning_rates(state)
+    assert set(lrs) == {"energy", "policy"}
+    np.testing.assert_allclose([float(lrs["energy"]), float(lrs["policy"])], [1e-2, 1e-4], rtol=1e-6)
+
+
+def test_schedule_values():
+    cfg = OptimConfig(warmup_steps=4, decay_steps=14, min_lr_ratio=0.1)
+    sched = lr_schedule(cfg, 1.0, total_steps=999)
+    expected = {n: (n + 1) / 5 for n in range(4)}
+    for n in (4, 6, 9, 14, 20):
+        t = min(n - 4, 10) / 10
+        expected[n] = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    for n, value in expected.items():
+        np.testing.assert_allclose(float(sched(n)), value, rtol=1e-6, err_msg=f"step {n}")
+    # decay_steps None -> the run's length; constant schedule; no warmup.
+    np.testing.assert_allclose(float(lr_schedule(OptimConfig(warmup_steps=0), 2.0, 10)(10)), 0.2, rtol=1e-6)
+    np.testing.assert_allclose(float(lr_schedule(OptimConfig(warmup_steps=0), 2.0, 10)(0)), 2.0, rtol=1e-6)
+    const = lr_schedule(OptimConfig(warmup_steps=1, schedule="constant"), 2.0, 10)
+    np.testing.assert_allclose([float(const(n)) for n in (0, 1, 50)], [1.0, 2.0, 2.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="must exceed optim.warmup_steps"):
+        lr_schedule(OptimConfig(warmup_steps=10), 1.0, total_steps=10)
+
+
+def test_energy_warm_steps_delay(key):
+    model = Container(key=key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    cfg = OptimConfig(energy_lr=0.1, policy_lr=0.01, warmup_steps=2, decay_steps=20)
+    opt = make_optimizer(cfg, group_labels(params), total_steps=20, energy_warm_steps=3)
+    state = opt.init(params)
+    sched = lr_schedule(cfg, 0.1, 20)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for n in range(5):
+        lrs = opt.learning_rates(state)
+        expected_energy = 0.0 if n < 3 else float(sched(n - 3))
+        np.testing.assert_allclose(float(lrs["energy"]), expected_energy, rtol=1e-6)
+        np.testing.assert_allclose(float(lrs["policy"]), float(lr_schedule(cfg, 0.01, 20)(n)), rtol=1e-6)
+        updates, state = opt.update(grads, state, params)
+        energy_moves = any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates.energy))
+        assert energy_moves == (n >= 3), n
+        assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates.policy.layers[0]))
+    # The energy Adam state counted only the 2 updates after the delay.
+    energy_state = state.inner.inner_states["energy"].inner_state
+    assert int(energy_state.count) == 5
+    counts = [int(x) for x in jax.tree.leaves(energy_state.inner) if x.dtype == jnp.int32]
+    assert counts and set(counts) == {2}
+
+
+def test_ema_math():
+    ema = {"w": jnp.array([1.0, 2.0]), "n": None}
+    params = {"w": jnp.array([3.0, -2.0]), "n": None}
+    out = ema_update(ema, params, 0.9)
+    np.testing.assert_allclose(np.asarray(out["w"]), [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2], rtol=1e-6)
+    ref = optax.incremental_update(params["w"], ema["w"], step_size=0.1)
+    np.testing.assert_allclose(np.asarray(out["w"]), np.asarray(ref), rtol=1e-6)
+
+
+def tree_bits(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree) if eqx.is_array(x)]
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad_nan", "grad_inf"])
+def test_non_finite_update_skipped_and_counted(key, poison):
+    model = Container(key=key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt = make_optimizer(OptimConfig(warmup_steps=0), group_labels(params), total_steps=10)
+    state, ema, skipped = opt.init(params), jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32)
+    step = eqx.filter_jit(guarded_update)
+    grads = jax.tree.map(jnp.ones_like, params)
+    first = step(opt, grads, state, params, loss=jnp.float32(1.0), skipped=skipped, ema=ema, ema_decay=0.9)
+    assert bool(first.finite) and int(first.skipped) == 0 and int(first.opt_state.count) == 1
+    bad_grads, loss = grads, jnp.float32(1.0)
+    if poison == "loss":
+        loss = jnp.float32(jnp.nan)
+    else:
+        bad = jnp.nan if poison == "grad_nan" else jnp.inf
+        bad_grads = eqx.tree_at(lambda p: p.energy.layers[0].weight, grads, grads.energy.layers[0].weight.at[0, 0].set(bad))
+    second = step(opt, bad_grads, first.opt_state, first.params, loss=loss, skipped=first.skipped, ema=first.ema, ema_decay=0.9)
+    assert not bool(second.finite) and int(second.skipped) == 1
+    assert tree_bits(second.params) == tree_bits(first.params)
+    assert tree_bits(second.opt_state) == tree_bits(first.opt_state)
+    assert tree_bits(second.ema) == tree_bits(first.ema)
+    third = step(opt, grads, second.opt_state, second.params, loss=jnp.float32(1.0), skipped=second.skipped, ema=second.ema, ema_decay=0.9)
+    assert bool(third.finite) and int(third.skipped) == 1 and int(third.opt_state.count) == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(third.params))
+
+
+def test_guarded_update_equals_plain_update_and_ema(key):
+    model = Container(key=key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt = make_optimizer(OptimConfig(warmup_steps=0), group_labels(params), total_steps=10)
+    state = opt.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    out = guarded_update(opt, grads, state, params, loss=jnp.float32(0.0), skipped=jnp.zeros((), jnp.int32), ema=params, ema_decay=0.5)
+    updates, ref_state = opt.update(grads, state, params)
+    ref_params = eqx.apply_updates(params, updates)
+    assert tree_bits(out.params) == tree_bits(ref_params)
+    assert tree_bits(out.opt_state) == tree_bits(ref_state)
+    ref_ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, params, ref_params)
+    assert tree_bits(out.ema) == tree_bits(ref_ema)
+    assert isinstance(out.opt_state, OptState)
+
+
+def test_bad_labels_and_ema_args(key):
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"labels must be in \('energy', 'policy'\), got \['head'\]"):
+        make_optimizer(OptimConfig(), {"w": "head"}, total_steps=10_000)
+    opt = make_optimizer(OptimConfig(warmup_steps=0), {"w": "energy"}, total_steps=10)
+    with pytest.raises(ValueError, match="both ema and ema_decay"):
+        guarded_update(opt, params, opt.init(params), params, loss=jnp.float32(0), skipped=jnp.zeros((), jnp.int32), ema=params)
