@@ -41,7 +41,8 @@ def make_pipeline(
 ) -> grain.IterDataset:
     """A grain IterDataset of batches over a random-access `source` (e.g. LeRobotSource).
 
-    Process `shard_index` of `shard_count` reads frames shard_index, shard_index + shard_count, ...;
+    Process `shard_index` of `shard_count` reads frames shard_index, shard_index + shard_count, ... (the
+    len % shard_count last frames are left out, so every process sees as many);
     `batch_size` is per process. Each epoch is a new seeded permutation; num_epochs=None repeats forever.
     `threads` decode/transform `prefetch` batches ahead; `workers` > 0 moves that into processes.
     """
@@ -53,7 +54,7 @@ def make_pipeline(
     if frames < batch_size:
         raise ValueError(f"{source!r} gives {frames} frames per shard ({shard_count} shards), fewer than one batch "
                          f"of {batch_size}; lower batch_size or add data")
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
+    dataset = grain.MapDataset.source(source)[: frames * shard_count][shard_index::shard_count]  # equal shards
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)

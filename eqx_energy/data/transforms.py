@@ -19,7 +19,7 @@ padded with 0, std with 1; quantile: only the stats' dims), AbsoluteActions, Lib
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -31,10 +31,12 @@ CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 _PASSTHROUGH = ("actions", "action_valid", "prompt", "episode_index", "frame_index")
 
 
+@runtime_checkable
 class DataTransformFn(Protocol):
     def __call__(self, data: Example) -> Example: ...
 
 
+@runtime_checkable
 class Tokenizer(Protocol):
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
