@@ -12,11 +12,12 @@ from eqx_energy.data.writer import write_lerobot_dataset
 
 
 def _check(stats: NormStats, rows: np.ndarray) -> None:
-    """mean/std exact; a fraction q (to 1e-3 + one sample) of the data lies below each quantile estimate."""
+    """mean/std exact; the data's empirical CDF crosses q within two bins above each quantile estimate."""
     np.testing.assert_allclose(stats.mean, rows.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.std, rows.std(0), rtol=1e-10, atol=1e-12)
+    width = (rows.max(0) - rows.min(0)) / 5000
     for q, got in ((0.01, stats.q01), (0.99, stats.q99)):
-        np.testing.assert_allclose((rows < got).mean(0), q, atol=1e-3 + 1 / len(rows))  # one sample of slack
+        assert np.all((rows < got).mean(0) <= q + 1e-3) and np.all((rows < got + 2 * width).mean(0) >= q - 1e-3)
 
 
 @pytest.mark.parametrize("rows_per_update", [16, 1000, 10**6])
