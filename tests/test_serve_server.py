@@ -3,8 +3,13 @@
 One server (module fixture) serves every test, so the error tests also show that it keeps serving.
 """
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 
 import jax
@@ -64,7 +69,7 @@ def test_round_trip(policy, port):
         assert 0 < reply["policy_timing"]["correction_ms"] < reply["policy_timing"]["infer_ms"]
         assert reply["server_timing"]["infer_ms"] >= reply["policy_timing"]["infer_ms"]
     assert set(replies[0]["server_timing"]) == {"infer_ms"}
-    for reply in replies[1:]:  # the previous request's recv -> send time, from the second request on
+    for reply in replies[1:]:  # the previous iteration's wait + handling time, from the second request on
         assert set(reply["server_timing"]) == {"infer_ms", "prev_total_ms"}
         assert reply["server_timing"]["prev_total_ms"] > 0
 
@@ -174,3 +179,35 @@ def test_server_rejects_bad_arguments(policy, port):
     with pytest.raises(OSError):  # the port is taken by the running server
         with PolicyServer(policy, host="127.0.0.1", port=port).running():
             pass
+
+
+@pytest.mark.slow
+def test_serve_forever_stops_on_ctrl_c():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    script = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # a background child ignores SIGINT
+        "import jax; from eqx_energy.serve import PolicyServer, ToyPolicy\n"
+        f"PolicyServer(ToyPolicy(key=jax.random.key(0)), host='127.0.0.1', port={free}).serve_forever()\n"
+        "print('stopped')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 60
+        while True:  # until the server answers its health check (bounded)
+            try:
+                with opener.open(f"http://127.0.0.1:{free}/healthz", timeout=TIMEOUT_S) as response:
+                    assert response.read() == b"OK\n"
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out.strip() == "stopped"

@@ -5,7 +5,8 @@ recv -> `unpackb` -> `policy.infer(obs)` -> add `server_timing` -> send `packb(r
 
     reply = policy.infer(obs)     # {"actions": (h, a) array, ..., "policy_timing": {"infer_ms", ["correction_ms"]}}
     reply["server_timing"] = {"infer_ms": time in policy.infer,
-                              "prev_total_ms": previous request's recv -> send time (from the 2nd request on)}
+                              "prev_total_ms": previous iteration's time from waiting for the request to
+                                               sending the reply, as openpi measures it (from the 2nd request on)}
 
 An error while handling one request (undecodable bytes, a text frame, an observation the policy
 rejects) is reported to that client as openpi does, a text frame holding the traceback, then a
@@ -99,13 +100,12 @@ class PolicyServer:
 
     def serve_forever(self) -> None:
         """Serve until interrupted (Ctrl-C)."""
-
-        async def main() -> None:
-            async with self._serve() as server:
-                logger.info("serving policy on %s", [s.getsockname() for s in server.sockets])
-                await server.serve_forever()
-
-        asyncio.run(main())
+        with self.running() as port:
+            logger.info("serving policy on %s:%d (health check: GET /healthz)", self.host, port)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                logger.info("interrupted; closing connections and stopping")
 
     @contextlib.contextmanager
     def running(self) -> Iterator[int]:
@@ -155,8 +155,8 @@ class PolicyServer:
         try:
             await websocket.send(packer.pack(self.metadata))
             while True:
-                message = await websocket.recv()
                 start = time.monotonic()
+                message = await websocket.recv()
                 reply, infer_ms = await self._infer(message)
                 reply["server_timing"] = {"infer_ms": infer_ms}
                 if prev_total_ms is not None:
