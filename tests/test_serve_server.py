@@ -211,3 +211,30 @@ def test_serve_forever_stops_on_ctrl_c():
             proc.kill()
             proc.wait()
     assert proc.returncode == 0 and out.strip() == "stopped"
+
+
+def test_event_loop_stays_responsive_during_inference(policy):
+    class Gated:
+        """The toy policy, held at a gate so an inference is in flight while the test probes the server."""
+
+        metadata = policy.metadata
+        entered, release = threading.Event(), threading.Event()
+
+        def infer(self, obs: dict) -> dict:
+            self.entered.set()
+            assert self.release.wait(TIMEOUT_S)
+            return policy.infer(obs)
+
+    gated = Gated()
+    with PolicyServer(gated, host="127.0.0.1", port=0).running() as port:
+        with PolicyClient("127.0.0.1", port, wait_s=TIMEOUT_S) as busy:
+            result: dict = {}
+            thread = threading.Thread(target=lambda: result.update(busy.infer(_obs(0))))
+            thread.start()
+            assert gated.entered.wait(TIMEOUT_S)
+            test_healthz(port)  # answered while the inference is blocked
+            with PolicyClient("127.0.0.1", port, wait_s=TIMEOUT_S) as newcomer:
+                assert newcomer.metadata == policy.metadata
+            gated.release.set()
+            thread.join(TIMEOUT_S)
+    np.testing.assert_array_equal(result["actions"], policy.infer(_obs(0))["actions"])

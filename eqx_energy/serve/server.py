@@ -17,7 +17,8 @@ websocket upgrade.
 
 Unlike openpi, `policy.infer` runs in a worker thread so the event loop keeps answering health
 checks, pings and new connections during a long inference; a lock still runs one inference at a
-time (a policy may hold state, such as openpi's rng), in arrival order.
+time (a policy may hold state, such as openpi's rng). Decoded arrays are read-only views of the
+received bytes: a policy copies before it writes (openpi's Policy copies the obs dict too).
 """
 
 import asyncio
@@ -67,7 +68,7 @@ class PolicyServer:
     port: int
     max_size: int | None
     metadata: dict
-    _infer_lock: asyncio.Lock  # made by `_serve`, on the loop that serves
+    _infer_lock: threading.Lock
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class PolicyServer:
         self.port = port
         self.max_size = max_size
         self.metadata = metadata
+        self._infer_lock = threading.Lock()
 
     def serve_forever(self) -> None:
         """Serve until interrupted (Ctrl-C)."""
@@ -138,7 +140,6 @@ class PolicyServer:
             thread.join()
 
     def _serve(self) -> ws_server.Server:
-        self._infer_lock = asyncio.Lock()
         return ws_server.serve(
             self._handle,
             self.host,
@@ -181,13 +182,16 @@ class PolicyServer:
         obs = wire.unpackb(message)
         if not isinstance(obs, dict):
             raise ValueError(f"the observation must be a msgpack map (dict); got {type(obs).__name__}")
-        async with self._infer_lock:
-            start = time.monotonic()
-            reply = await asyncio.to_thread(self.policy.infer, obs)
-            infer_ms = (time.monotonic() - start) * 1000
+        reply, infer_ms = await asyncio.to_thread(self._infer_one_at_a_time, obs)
         if not isinstance(reply, dict):
             raise ValueError(f"policy.infer must return a dict; got {type(reply).__name__}")
         return reply, infer_ms
+
+    def _infer_one_at_a_time(self, obs: dict) -> tuple[Any, float]:
+        with self._infer_lock:
+            start = time.monotonic()
+            reply = self.policy.infer(obs)
+            return reply, (time.monotonic() - start) * 1000
 
 
 def _health_check(connection: ws_server.ServerConnection, request: ws_server.Request) -> ws_server.Response | None:
