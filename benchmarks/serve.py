@@ -74,7 +74,7 @@ def measure(policy: Policy, *, clients: int, requests: int, seconds: float, warm
     done = [r for per_client in records for r in per_client]
     latency_ms = np.array([lat * 1000 for lat, _ in done])
     server_ms = np.array([reply["server_timing"]["infer_ms"] for _, reply in done])
-    correction_ms = [reply["policy_timing"]["correction_ms"] for _, reply in done if "correction_ms" in reply["policy_timing"]]
+    correction_ms = [r["policy_timing"]["correction_ms"] for _, r in done if "correction_ms" in r["policy_timing"]]
     stats = {
         "clients": clients,
         "requests": len(done),

@@ -46,7 +46,8 @@ def _obs(i: int) -> dict:
 
 
 def _raw(port: int) -> ws_client.ClientConnection:
-    return ws_client.connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None, proxy=None, open_timeout=TIMEOUT_S)
+    uri = f"ws://127.0.0.1:{port}"
+    return ws_client.connect(uri, compression=None, max_size=None, proxy=None, open_timeout=TIMEOUT_S)
 
 
 def test_metadata_frame_is_openpi_msgpack(port):
@@ -106,7 +107,8 @@ def test_malformed_message_is_reported_and_server_survives(port, message, error)
 def test_policy_error_raises_in_client(port):
     with PolicyClient("127.0.0.1", port, wait_s=TIMEOUT_S) as client:
         bad = {k: v for k, v in _obs(0).items() if k != "observation/wrist_image"}
-        with pytest.raises(RuntimeError, match=r"(?s)Error in inference server:\n.*lacks keys \['observation/wrist_image'\]"):
+        expected = r"(?s)Error in inference server:\n.*lacks keys \['observation/wrist_image'\]"
+        with pytest.raises(RuntimeError, match=expected):
             client.infer(bad)
 
 

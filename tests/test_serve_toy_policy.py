@@ -41,13 +41,14 @@ def test_actions_match_numpy_forward():
 
 
 def test_correction_is_gradient_descent_on_the_energy():
-    base = ToyPolicy(state_dim=5, horizon=3, action_dim=2, width=8, key=jax.random.key(1))
-    corrected = ToyPolicy(state_dim=5, horizon=3, action_dim=2, width=8, correction_steps=3, alpha=0.05, key=jax.random.key(1))
+    sizes = dict(state_dim=5, horizon=3, action_dim=2, width=8)
+    base = ToyPolicy(**sizes, key=jax.random.key(1))
+    corrected = ToyPolicy(**sizes, correction_steps=3, alpha=0.05, key=jax.random.key(1))
     obs = _obs()
     reply = corrected.infer(obs)
     net = corrected.net
-    features = net.features(jnp.asarray(obs["observation/state"], jnp.float32),
-                            (jnp.asarray(obs["observation/image"]), jnp.asarray(obs["observation/wrist_image"])))  # fmt: skip
+    images = (jnp.asarray(obs["observation/image"]), jnp.asarray(obs["observation/wrist_image"]))
+    features = net.features(jnp.asarray(obs["observation/state"], jnp.float32), images)
     a = jnp.asarray(base.infer(obs)["actions"])
     energies = [net.energy_value(features, a)]
     for _ in range(3):
