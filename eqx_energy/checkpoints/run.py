@@ -1,0 +1,224 @@
+"""Orbax checkpoints of a training run: `<run_dir>/checkpoints/<step>/<item>`.
+
+Items per step: `params` (trainable arrays), `opt_state`, `ema` (when the run keeps one), `data`
+(the grain iterator's position, one JSON per process), `config` and `norm_stats` (JSON), `meta`
+(JSON: step, skipped-update count). Saving is atomic (orbax writes a temporary directory and
+renames it once complete), asynchronous (arrays are copied off the device, then written in the
+background; `wait()` or `close()` blocks until done) and keeps the last `keep` steps. Restoring
+places arrays directly onto the shardings of a template of `jax.ShapeDtypeStruct`s, so nothing
+is initialized first. Errors name the checkpoint path and never delete or overwrite anything.
+
+    with RunCheckpoints(run_dir, keep=3) as ckpt:
+        if (step := ckpt.latest_step) is not None:
+            r = ckpt.restore(step, params=abstract(params), opt_state=abstract(opt_state), data_iter=it)
+        ...
+        ckpt.save(step, params=params, opt_state=opt_state, skipped=skipped, data_iter=it, config=cfg_dict)
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jaxtyping import PyTree
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or unreadable checkpoint; the message names the path."""
+
+
+class Restored(NamedTuple):
+    step: int
+    params: PyTree
+    opt_state: PyTree
+    ema: PyTree | None  # None when no EMA template was given
+    skipped: int  # non-finite updates skipped before this step
+    config: dict  # the run's config as saved (plain dict)
+    norm_stats: dict | None  # as saved: numpy arrays come back as lists
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir).resolve() / "checkpoints"
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit()
+
+
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    """Largest completed checkpoint step of a run, or None (no run dir or no checkpoint yet).
+
+    Incomplete saves (orbax's temporary directories, e.g. after `kill -9`) are not counted.
+    """
+    directory = checkpoint_dir(run_dir)
+    steps = [int(p.name) for p in directory.iterdir() if _is_step_dir(p)] if directory.is_dir() else []
+    return max(steps, default=None)
+
+
+def abstract(tree: PyTree) -> PyTree:
+    """Arrays -> `jax.ShapeDtypeStruct`s with the same shape, dtype and sharding (restore templates)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+        tree,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    return value
+
+
+def _with_sharding(template: PyTree) -> PyTree:
+    """Give template leaves without a sharding the default device's, so orbax need not guess."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None
+        else x,
+        template,
+    )
+
+
+class RunCheckpoints:
+    """Save and restore a run's checkpoints under `<run_dir>/checkpoints`; keeps the last `keep`."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"RunCheckpoints: keep must be >= 1, got {keep}; set train.keep_checkpoints")
+        self.directory = checkpoint_dir(run_dir)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self,
+        step: int,
+        *,
+        params: PyTree,
+        opt_state: PyTree,
+        skipped: int | jax.Array,
+        config: Mapping[str, Any],
+        ema: PyTree | None = None,
+        data_iter: Iterator | None = None,
+        norm_stats: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Start saving step `step` (returns once arrays are off the device; `wait()` to finish).
+
+        The data iterator's position is read now, so the iterator may move on right away.
+        """
+        if step in self._manager.all_steps():
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} already exists; not overwriting it")
+        self._manager.wait_until_finished()  # surface a failed previous save before starting another
+        items = {
+            "params": ocp.args.StandardSave(params),
+            "opt_state": ocp.args.StandardSave(opt_state),
+            "config": ocp.args.JsonSave(_jsonable(config)),
+            "meta": ocp.args.JsonSave({"step": int(step), "skipped": int(skipped)}),
+        }
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(ema)
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if norm_stats is not None:
+            items["norm_stats"] = ocp.args.JsonSave(_jsonable(norm_stats))
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        params: PyTree,
+        opt_state: PyTree,
+        ema: PyTree | None = None,
+        data_iter: Iterator | None = None,
+    ) -> Restored:
+        """Restore `step` (None: the latest) onto templates of ShapeDtypeStructs (see `abstract`).
+
+        Arrays land on each template leaf's sharding and dtype; `data_iter` is moved in place to
+        the saved position. Raises CheckpointError naming the path if it is missing or unreadable.
+        """
+        self._manager.wait_until_finished()
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}; nothing to resume from")
+        path = self.directory / str(step)
+        if step not in self._manager.all_steps():
+            raise CheckpointError(f"checkpoint {path} does not exist; available steps: {self.steps or 'none'}")
+        present = {p.name for p in path.iterdir() if p.is_dir()}
+        needed = {"params", "opt_state", "config", "meta"} | ({"ema"} if ema is not None else set())
+        needed |= {"data"} if data_iter is not None else set()
+        if missing := sorted(needed - present):
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete or from a different setup: missing {', '.join(missing)} "
+                f"(has {', '.join(sorted(present)) or 'nothing'}); it was left untouched"
+            )
+        items = {
+            "params": ocp.args.StandardRestore(_with_sharding(params)),
+            "opt_state": ocp.args.StandardRestore(_with_sharding(opt_state)),
+            "config": ocp.args.JsonRestore(),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if ema is not None:
+            items["ema"] = ocp.args.StandardRestore(_with_sharding(ema))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if "norm_stats" in present:
+            items["norm_stats"] = ocp.args.JsonRestore()
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax, tensorstore, json and grain raise many types
+            reason = " ".join(str(e).split())[:300]
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({type(e).__name__}: {reason}); it was left untouched. "
+                f"Restore an earlier step (available: {self.steps}) or move this one away"
+            ) from e
+        meta = out["meta"]
+        if meta.get("step") != step:
+            raise CheckpointError(f"checkpoint {path} records step {meta.get('step')}, expected {step}")
+        return Restored(
+            step=step,
+            params=out["params"],
+            opt_state=out["opt_state"],
+            ema=out["ema"] if ema is not None else None,
+            skipped=int(meta["skipped"]),
+            config=out["config"],
+            norm_stats=out["norm_stats"] if "norm_stats" in present else None,
+        )
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
