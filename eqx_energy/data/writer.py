@@ -57,12 +57,9 @@ def _stats(spec: Mapping[str, Any], value: np.ndarray) -> dict[str, list]:
         return {"min": chan(x.min(0)), "max": chan(x.max(0)), "mean": chan(x.mean(0)),
                 "std": chan(x.std(0)), "count": [len(value)]}
     x = value.reshape(len(value), -1)
-    if x.dtype == np.bool_:
-        return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(),
-                "std": x.std(0).tolist(), "count": [len(value)]}
-    x = x.astype(np.float64)
-    return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(),
-            "std": x.std(0).tolist(), "count": [len(value)]}
+    moments = x.astype(np.float64)
+    return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": moments.mean(0).tolist(),
+            "std": moments.std(0).tolist(), "count": [len(value)]}
 
 
 class LeRobotWriter:
