@@ -168,6 +168,11 @@ class EnergyModel(eqx.Module):
     def action_dim(self) -> int:
         return self.config.action_dim
 
+    @property
+    def dtype(self):
+        """The head's compute dtype: its parameters' (f32; f64 only in gradient-check tests)."""
+        return self.query.weight.dtype
+
     def encode_context(self, context: Context, context_mask: ContextMask) -> ContextEncoding:
         """Projected attention keys and values of the context tokens (computed once per context)."""
         if context.shape[-1] != self.config.context_dim:
@@ -175,7 +180,7 @@ class EnergyModel(eqx.Module):
                 f"context has c={context.shape[-1]} features but energy.context_dim="
                 f"{self.config.context_dim}; pass the policy's prefix features (b s c)"
             )
-        tokens = jax.vmap(self.context_proj)(context.astype(jnp.float32))
+        tokens = jax.vmap(self.context_proj)(context.astype(self.dtype))
         return ContextEncoding(
             keys=jax.vmap(self.key_proj)(tokens),
             values=jax.vmap(self.value)(tokens),
@@ -196,7 +201,7 @@ class EnergyModel(eqx.Module):
             raise ValueError(
                 f"action horizon h={horizon} exceeds energy.max_horizon={self.config.max_horizon}"
             )
-        tokens = jax.vmap(self.action_proj)(actions.astype(jnp.float32))
+        tokens = jax.vmap(self.action_proj)(actions.astype(self.dtype))
         tokens = tokens + sinusoidal_encoding(horizon, self.config.hidden)
         tokens = self.action_dropout(tokens, key=key, inference=inference or key is None)
         return jax.vmap(self.query)(tokens)

@@ -1,0 +1,140 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eqx_energy import EnergyConfig, EnergyModel
+from eqx_energy.losses import (
+    METRIC_KEYS,
+    NegativeSampler,
+    hinge,
+    infonce_explicit,
+    infonce_inbatch,
+    mixed,
+    shuffle_negatives,
+    swap_negatives,
+)
+from eqx_energy.synthetic import synthetic_batch
+
+CFG = EnergyConfig(context_dim=32, action_dim=4, hidden=32, num_heads=4, output="softplus")
+
+
+def naive_infonce(model, context, actions, mask, tau):
+    """Seed 002's form: b*b copies of the context, the whole model run on every pair."""
+    b = actions.shape[0]
+    ctx = jnp.repeat(context, b, axis=0)
+    msk = jnp.repeat(mask, b, axis=0)
+    act = jnp.tile(actions, (b, 1, 1))
+    energies = jax.vmap(model)(ctx, act, msk).reshape(b, b)
+    logits = jnp.clip(-energies / tau, -50, 50)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(b)))
+
+
+@pytest.fixture
+def batch(key):
+    return synthetic_batch(key, 8, valid_tokens=6)
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 4])
+def test_factored_equals_naive_loss_and_grads(key, batch, chunk):
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    loss_fn = lambda m: infonce_inbatch(m, context, actions, mask, tau=0.5, chunk=chunk)[0]  # noqa: E731
+    naive_fn = lambda m: naive_infonce(m, context, actions, mask, 0.5)  # noqa: E731
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+    ref, ref_grads = eqx.filter_value_and_grad(naive_fn)(model)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_keys_and_values(key, batch):
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    loss, metrics = infonce_inbatch(model, context, actions, mask, tau=0.5)
+    assert set(metrics) == set(METRIC_KEYS)
+    b = actions.shape[0]
+    energies = jax.vmap(lambda c, m: jax.vmap(lambda a: model(c, a, m))(actions))(context, mask)
+    off = ~np.eye(b, dtype=bool)
+    np.testing.assert_allclose(metrics["e_pos"], np.diag(energies).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["e_neg"], np.asarray(energies)[off].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["energy_std"], np.std(energies), rtol=1e-4)
+    acc = np.mean(np.argmin(np.asarray(energies), axis=1) == np.arange(b))
+    assert metrics["accuracy"] == pytest.approx(acc)
+    assert metrics["logit_max"] == pytest.approx(float(-energies.min() / 0.5), rel=1e-5)
+
+
+def test_logits_are_clamped(key, batch):
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    _, metrics = infonce_inbatch(model, context, actions, mask, tau=1e-4)
+    assert metrics["logit_min"] >= -50 and metrics["logit_max"] <= 50
+
+
+def test_chunk_must_divide_batch(key, batch):
+    model = EnergyModel(CFG, key=key)
+    with pytest.raises(ValueError, match="chunk"):
+        infonce_inbatch(model, *batch, tau=0.5, chunk=3)
+
+
+def test_negative_samplers(key, batch):
+    _, actions, _ = batch
+    shuffled = shuffle_negatives(key, actions, num=2)
+    assert shuffled.shape == (8, 2, *actions.shape[1:])
+    # a permutation of the chunk's steps: same rows, sorted
+    np.testing.assert_allclose(np.sort(shuffled[3, 1], axis=0), np.sort(actions[3], axis=0))
+    swapped = swap_negatives(actions, num=2)
+    np.testing.assert_array_equal(swapped[0, 1], actions[2])
+    np.testing.assert_array_equal(swapped[7, 0], actions[0])
+    sampler = NegativeSampler(sigmas=[0.1, 0.5], num_shuffle=1, num_swap=1)
+    negatives = sampler(key, actions)
+    assert negatives.shape == (8, 4, *actions.shape[1:])
+    noise = np.asarray(negatives[:, 1] - actions)
+    assert 0.4 < noise.std() < 0.6
+
+
+def test_explicit_infonce_hinge_and_mixed(key, batch):
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    negatives = NegativeSampler(sigmas=[0.3])(key, actions)
+    e_pos = jax.vmap(model)(context, actions, mask)
+    e_neg = jax.vmap(lambda c, n, m: jax.vmap(lambda a: model(c, a, m))(n))(context, negatives, mask)
+
+    loss, metrics = infonce_explicit(model, context, actions, mask, negatives, tau=0.5)
+    logits = -jnp.concatenate([e_pos[:, None], e_neg], 1) / 0.5
+    expected = -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert set(METRIC_KEYS) <= set(metrics)
+
+    margin_loss, hinge_metrics = hinge(model, context, actions, mask, negatives, margin=0.5)
+    np.testing.assert_allclose(margin_loss, jnp.mean(jax.nn.relu(0.5 + e_pos[:, None] - e_neg)), rtol=1e-5)
+    np.testing.assert_allclose(hinge_metrics["e_neg"], e_neg.mean(), rtol=1e-5)
+
+    total, mixed_metrics = mixed(
+        model, context, actions, mask, negatives, tau=0.5, margin=0.5,
+        infonce_weight=1.0, margin_weight=0.3, diversity_weight=2.0, min_std=10.0,
+    )
+    nce, nce_metrics = infonce_inbatch(model, context, actions, mask, tau=0.5)
+    expected_total = nce + 0.3 * margin_loss + 2.0 * (10.0 - nce_metrics["energy_std"])
+    np.testing.assert_allclose(total, expected_total, rtol=1e-5)
+    assert {"loss_infonce", "loss_margin", "loss_diversity"} <= set(mixed_metrics)
+
+
+def test_hinge_prefers_low_positive_energy(key, batch):
+    """The sign seed 004 got wrong: lowering E_pos must lower the hinge loss."""
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    negatives = NegativeSampler(sigmas=[1.0], num_shuffle=0, num_swap=0)(key, actions)
+    grad = jax.grad(lambda a: hinge(model, context, a, mask, negatives, margin=10.0)[0])(actions)
+    e_grad = jax.grad(lambda a: jnp.sum(jax.vmap(model)(context, a, mask)))(actions)
+    # with a margin this large every term is active: d loss / d a_pos == dE_pos/da / b
+    np.testing.assert_allclose(grad, e_grad / actions.shape[0], rtol=1e-4, atol=1e-7)
+
+
+def test_dropout_key_changes_loss_only_when_training(key, batch):
+    model = EnergyModel(CFG, key=key)
+    base = infonce_inbatch(model, *batch, tau=0.5)[0]
+    assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=True)[0] == base
+    assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=False)[0] != base
