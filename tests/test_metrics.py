@@ -29,8 +29,12 @@ def test_data_wait_timer_adds_up_waiting():
 def test_log_records_jsonl_and_rates(tmp_path):
     with MetricsLogger(tmp_path, total_steps=20, progress=False) as log:
         time.sleep(0.05)
-        rec = log.log(10, {"loss": jnp.float32(1.5), "accuracy": np.float32(0.25), "lr/energy": 1e-3}, data_wait_s=0.01)
-        log.log(20, {"loss": jnp.float32(0.5), "accuracy": 0.75, "lr/energy": 5e-4, "e_pos": 0.2, "e_neg": 0.9})
+        rec = log.log(
+            10, {"loss": jnp.float32(1.5), "accuracy": np.float32(0.25), "lr/energy": 1e-3}, data_wait_s=0.01
+        )
+        log.log(
+            20, {"loss": jnp.float32(0.5), "accuracy": 0.75, "lr/energy": 5e-4, "e_pos": 0.2, "e_neg": 0.9}
+        )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [10, 20]
     assert records[0]["loss"] == 1.5 and records[1]["e_neg"] == pytest.approx(0.9)
@@ -72,13 +76,30 @@ def test_progress_bar_runs(tmp_path, capsys):
 def test_plots_written_per_panel(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [
-        {"step": s, "time": 0.0, "loss": 1 / s, "energy_loss": 2 / s, "e_pos": 0.1, "e_neg": 0.5 + s,
-         "accuracy": s / 10, "lr/energy": 1e-3, "lr/policy": 1e-5, "grad_norm": 1.0, "steps_per_s": 3.0}
+        {
+            "step": s,
+            "time": 0.0,
+            "loss": 1 / s,
+            "energy_loss": 2 / s,
+            "e_pos": 0.1,
+            "e_neg": 0.5 + s,
+            "accuracy": s / 10,
+            "lr/energy": 1e-3,
+            "lr/policy": 1e-5,
+            "grad_norm": 1.0,
+            "steps_per_s": 3.0,
+        }
         for s in range(1, 6)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = plot_metrics(path, tmp_path / "plots")
-    assert sorted(p.name for p in written) == ["accuracy.png", "energy.png", "grad_norm.png", "loss.png", "lr.png"]
+    assert sorted(p.name for p in written) == [
+        "accuracy.png",
+        "energy.png",
+        "grad_norm.png",
+        "loss.png",
+        "lr.png",
+    ]
     for p in written:
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 100

@@ -75,9 +75,13 @@ def test_state_only_for_trainable_leaves_and_frozen_untouched(key):
         trainable, state = step(trainable, state)
     assert int(state.count) == 3
     assert trainable.policy.layers[0].weight is None
-    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(eqx.filter(frozen, eqx.is_array))):
+    for a, b in zip(
+        jax.tree.leaves(frozen_before), jax.tree.leaves(eqx.filter(frozen, eqx.is_array)), strict=True
+    ):
         np.testing.assert_array_equal(a, np.asarray(b))
-    assert not np.array_equal(np.asarray(trainable.energy.layers[0].weight), np.asarray(model.energy.layers[0].weight))
+    assert not np.array_equal(
+        np.asarray(trainable.energy.layers[0].weight), np.asarray(model.energy.layers[0].weight)
+    )
 
 
 def test_joint_groups_have_own_lr(key):
@@ -169,13 +173,33 @@ def test_non_finite_update_skipped_and_counted(key, poison):
         loss = jnp.float32(jnp.nan)
     else:
         bad = jnp.nan if poison == "grad_nan" else jnp.inf
-        bad_grads = eqx.tree_at(lambda p: p.energy.layers[0].weight, grads, grads.energy.layers[0].weight.at[0, 0].set(bad))
-    second = step(opt, bad_grads, first.opt_state, first.params, loss=loss, skipped=first.skipped, ema=first.ema, ema_decay=0.9)
+        bad_grads = eqx.tree_at(
+            lambda p: p.energy.layers[0].weight, grads, grads.energy.layers[0].weight.at[0, 0].set(bad)
+        )
+    second = step(
+        opt,
+        bad_grads,
+        first.opt_state,
+        first.params,
+        loss=loss,
+        skipped=first.skipped,
+        ema=first.ema,
+        ema_decay=0.9,
+    )
     assert not bool(second.finite) and int(second.skipped) == 1
     assert tree_bits(second.params) == tree_bits(first.params)
     assert tree_bits(second.opt_state) == tree_bits(first.opt_state)
     assert tree_bits(second.ema) == tree_bits(first.ema)
-    third = step(opt, grads, second.opt_state, second.params, loss=jnp.float32(1.0), skipped=second.skipped, ema=second.ema, ema_decay=0.9)
+    third = step(
+        opt,
+        grads,
+        second.opt_state,
+        second.params,
+        loss=jnp.float32(1.0),
+        skipped=second.skipped,
+        ema=second.ema,
+        ema_decay=0.9,
+    )
     assert bool(third.finite) and int(third.skipped) == 1 and int(third.opt_state.count) == 2
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(third.params))
 
@@ -186,7 +210,16 @@ def test_guarded_update_equals_plain_update_and_ema(key):
     opt = make_optimizer(OptimConfig(warmup_steps=0), group_labels(params), total_steps=10)
     state = opt.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    out = guarded_update(opt, grads, state, params, loss=jnp.float32(0.0), skipped=jnp.zeros((), jnp.int32), ema=params, ema_decay=0.5)
+    out = guarded_update(
+        opt,
+        grads,
+        state,
+        params,
+        loss=jnp.float32(0.0),
+        skipped=jnp.zeros((), jnp.int32),
+        ema=params,
+        ema_decay=0.5,
+    )
     updates, ref_state = opt.update(grads, state, params)
     ref_params = eqx.apply_updates(params, updates)
     assert tree_bits(out.params) == tree_bits(ref_params)
@@ -202,4 +235,12 @@ def test_bad_labels_and_ema_args(key):
         make_optimizer(OptimConfig(), {"w": "head"}, total_steps=10_000)
     opt = make_optimizer(OptimConfig(warmup_steps=0), {"w": "energy"}, total_steps=10)
     with pytest.raises(ValueError, match="both ema and ema_decay"):
-        guarded_update(opt, params, opt.init(params), params, loss=jnp.float32(0), skipped=jnp.zeros((), jnp.int32), ema=params)
+        guarded_update(
+            opt,
+            params,
+            opt.init(params),
+            params,
+            loss=jnp.float32(0),
+            skipped=jnp.zeros((), jnp.int32),
+            ema=params,
+        )

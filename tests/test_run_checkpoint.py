@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, abstract, latest_step
 from eqx_energy.train.config import OptimConfig
@@ -49,7 +50,13 @@ def bits(tree):
 
 
 CONFIG = {"train": {"steps": 10, "mesh": [-1, 1]}, "loss": {"tau": 0.5}}
-NORM = {"actions": {"mean": np.array([0.5, -1.0], np.float32), "std": np.array([2.0, 3.0], np.float32), "q01": None}}
+NORM = {
+    "actions": {
+        "mean": np.array([0.5, -1.0], np.float32),
+        "std": np.array([2.0, 3.0], np.float32),
+        "q01": None,
+    }
+}
 
 
 def test_round_trip_bit_exact_and_data_resumes(tmp_path, key):
@@ -58,7 +65,16 @@ def test_round_trip_bit_exact_and_data_resumes(tmp_path, key):
     for _ in range(3):
         next(it)
     ckpt = RunCheckpoints(tmp_path, keep=2)
-    ckpt.save(7, params=params, opt_state=opt_state, ema=ema, skipped=jnp.int32(2), data_iter=it, config=CONFIG, norm_stats=NORM)
+    ckpt.save(
+        7,
+        params=params,
+        opt_state=opt_state,
+        ema=ema,
+        skipped=jnp.int32(2),
+        data_iter=it,
+        config=CONFIG,
+        norm_stats=NORM,
+    )
     continued = [next(it) for _ in range(4)]  # the iterator moves on while the save finishes
     ckpt.close()
     assert latest_step(tmp_path) == 7
@@ -66,7 +82,10 @@ def test_round_trip_bit_exact_and_data_resumes(tmp_path, key):
     fresh_params, fresh_state, fresh_ema = make_state(jax.random.key(9))  # other values, same structure
     new_it = data_iter()
     r = RunCheckpoints(tmp_path).restore(
-        params=abstract(fresh_params), opt_state=abstract(fresh_state), ema=abstract(fresh_ema), data_iter=new_it
+        params=abstract(fresh_params),
+        opt_state=abstract(fresh_state),
+        ema=abstract(fresh_ema),
+        data_iter=new_it,
     )
     assert r.step == 7 and r.skipped == 2
     assert bits(r.params) == bits(params)
@@ -89,8 +108,12 @@ def test_optional_items_and_keep_last_n(tmp_path, key):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]
     r = RunCheckpoints(tmp_path).restore(3, params=abstract(params), opt_state=abstract(opt_state))
     assert r.step == 3 and r.ema is None and r.norm_stats is None
-    with pytest.raises(CheckpointError, match=r"checkpoints/4 is incomplete or from a different setup: missing ema"):
-        RunCheckpoints(tmp_path).restore(params=abstract(params), opt_state=abstract(opt_state), ema=abstract(params))
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/4 is incomplete or from a different setup: missing ema"
+    ):
+        RunCheckpoints(tmp_path).restore(
+            params=abstract(params), opt_state=abstract(opt_state), ema=abstract(params)
+        )
 
 
 def test_restore_onto_sharded_template(tmp_path, key):
@@ -99,7 +122,9 @@ def test_restore_onto_sharded_template(tmp_path, key):
         ckpt.save(5, params=params, opt_state=opt_state, skipped=0, config=CONFIG)
     mesh = make_mesh(2, 4)
     shardings = fsdp_shardings(params, mesh, min_bytes=0)
-    template = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    template = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+    )
     r = RunCheckpoints(tmp_path).restore(params=template, opt_state=abstract(opt_state))
     w = r.params.energy.layers[0].weight  # (16, 8): split on axis 0 over fsdp
     assert w.sharding == NamedSharding(mesh, P("fsdp", None))
@@ -181,7 +206,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, key):
     spec = eqx.tree_at(lambda m: m.energy, spec, replace=jax.tree.map(eqx.is_inexact_array, model.energy))
     trainable, frozen = eqx.partition(model, spec)
     params = eqx.filter(trainable, eqx.is_inexact_array)
-    opt = make_optimizer(OptimConfig(warmup_steps=1), group_labels(params), total_steps=6, energy_warm_steps=1)
+    opt = make_optimizer(
+        OptimConfig(warmup_steps=1), group_labels(params), total_steps=6, energy_warm_steps=1
+    )
 
     def init():  # what a fresh process builds before restoring
         params = eqx.filter(trainable, eqx.is_inexact_array)
@@ -199,14 +226,18 @@ def test_interrupted_run_resumes_exactly(tmp_path, key):
             return jnp.mean(jax.vmap(eqx.combine(p, frozen).energy)(x) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        out = guarded_update(opt, grads, opt_state, params, loss=loss, skipped=skipped, ema=ema, ema_decay=0.9)
+        out = guarded_update(
+            opt, grads, opt_state, params, loss=loss, skipped=skipped, ema=ema, ema_decay=0.9
+        )
         return loss, out.params, out.opt_state, out.ema, out.skipped
 
     def run(state, it, n):
         frozen, opt, params, opt_state, ema, skipped = state
         losses = []
         for _ in range(n):
-            loss, params, opt_state, ema, skipped = step(opt, frozen, params, opt_state, ema, skipped, shard_batch(next(it), mesh))
+            loss, params, opt_state, ema, skipped = step(
+                opt, frozen, params, opt_state, ema, skipped, shard_batch(next(it), mesh)
+            )
             losses.append(np.asarray(loss))
         return (frozen, opt, params, opt_state, ema, skipped), losses
 
@@ -218,12 +249,16 @@ def test_interrupted_run_resumes_exactly(tmp_path, key):
     state, first = run((*init(), zero), it, 3)
     _, _, params, opt_state, ema, skipped = state
     with RunCheckpoints(tmp_path) as ckpt:
-        ckpt.save(3, params=params, opt_state=opt_state, ema=ema, skipped=skipped, data_iter=it, config=CONFIG)
+        ckpt.save(
+            3, params=params, opt_state=opt_state, ema=ema, skipped=skipped, data_iter=it, config=CONFIG
+        )
 
     frozen, opt, params0, opt_state0, ema0 = init()  # a fresh "process"
     it = batches()
-    r = RunCheckpoints(tmp_path).restore(params=abstract(params0), opt_state=abstract(opt_state0), ema=abstract(ema0), data_iter=it)
+    r = RunCheckpoints(tmp_path).restore(
+        params=abstract(params0), opt_state=abstract(opt_state0), ema=abstract(ema0), data_iter=it
+    )
     state, second = run((frozen, opt, r.params, r.opt_state, r.ema, jnp.int32(r.skipped)), it, 3)
     np.testing.assert_array_equal(np.array(first + second), np.array(full_losses))
-    for got, want in zip(state[2:], full_state[2:]):
+    for got, want in zip(state[2:], full_state[2:], strict=True):
         assert bits(got) == bits(want)

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from eqx_energy.train.sharding import (
     data_sharding,
@@ -139,7 +140,11 @@ def test_sharded_step_equals_single_device(key):
     assert par.mlp.layers[2].bias.sharding.spec == P()
     assert loss.sharding.is_fully_replicated and loss.sharding.mesh == replicated(mesh).mesh
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(eqx.filter(par, eqx.is_array)), jax.tree.leaves(eqx.filter(ref, eqx.is_array))):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(par, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(ref, eqx.is_array)),
+        strict=True,
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
@@ -170,7 +175,8 @@ def test_initialize_from_coordinator_env():
         if xla_bridge.backends_are_initialized():
             raise SystemExit("importing eqx_energy computed with JAX (a module-level jnp array)")
         from eqx_energy.train.sharding import maybe_initialize_distributed
-        print(maybe_initialize_distributed(), maybe_initialize_distributed(), jax.process_count(), jax.device_count())
+        first, second = maybe_initialize_distributed(), maybe_initialize_distributed()
+        print(first, second, jax.process_count(), jax.device_count())
         """
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -147,7 +147,10 @@ def test_overrides_are_typed_and_validated(cfg_dir):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("optim.energy_lrr=1", "--set optim.energy_lrr=1: unknown key 'optim.energy_lrr' (did you mean 'optim.energy_lr'?)"),
+        (
+            "optim.energy_lrr=1",
+            "--set optim.energy_lrr=1: unknown key 'optim.energy_lrr' (did you mean 'optim.energy_lr'?)",
+        ),
         ("train.steps=ten", "--set train.steps=ten: key 'train.steps' expects int, got str 'ten'"),
         ("run_dir.x=1", "--set run_dir.x=1: key 'run_dir' is a str, not a group"),
         ("optim.energy_lr", "--set optim.energy_lr: expected key.sub=value"),
@@ -167,7 +170,9 @@ def test_override_fixes_a_bad_file_value(cfg_dir):
 
 
 def test_environment_variables(cfg_dir, monkeypatch):
-    (cfg_dir / "env.yaml").write_text("run_dir: ${EQX_TEST_ROOT}/runs\nhead: {act: '${EQX_TEST_ACT:-gelu}'}\n")
+    (cfg_dir / "env.yaml").write_text(
+        "run_dir: ${EQX_TEST_ROOT}/runs\nhead: {act: '${EQX_TEST_ACT:-gelu}'}\n"
+    )
     monkeypatch.setenv("EQX_TEST_ROOT", "/data")
     cfg = load_config(Toy, "env", config_dir=cfg_dir)
     assert cfg.run_dir == "/data/runs" and cfg.head.act == "gelu"
@@ -179,5 +184,13 @@ def test_environment_variables(cfg_dir, monkeypatch):
 
 def test_yaml_floats_follow_yaml_1_2():
     assert parse_yaml("[5e-4, 1E3, -2.5e+1, .5, 1.0, 7, .inf, 0x10, '1e3']", origin="x") == [
-        5e-4, 1e3, -25.0, 0.5, 1.0, 7, float("inf"), 16, "1e3"
+        5e-4,
+        1e3,
+        -25.0,
+        0.5,
+        1.0,
+        7,
+        float("inf"),
+        16,
+        "1e3",
     ]

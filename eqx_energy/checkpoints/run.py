@@ -63,7 +63,9 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
 def abstract(tree: PyTree) -> PyTree:
     """Arrays -> `jax.ShapeDtypeStruct`s with the same shape, dtype and sharding (restore templates)."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x
+        ),
         tree,
     )
 
@@ -84,9 +86,11 @@ def _with_sharding(template: PyTree) -> PyTree:
     """Give template leaves without a sharding the default device's, so orbax need not guess."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
-        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None
-        else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+            if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None
+            else x
+        ),
         template,
     )
 
@@ -130,7 +134,9 @@ class RunCheckpoints:
         The data iterator's position is read now, so the iterator may move on right away.
         """
         if step in self._manager.all_steps():
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} already exists; not overwriting it")
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} already exists; not overwriting it"
+            )
         self._manager.wait_until_finished()  # surface a failed previous save before starting another
         items = {
             "params": ocp.args.StandardSave(params),
@@ -166,7 +172,9 @@ class RunCheckpoints:
             raise CheckpointError(f"no checkpoint in {self.directory}; nothing to resume from")
         path = self.directory / str(step)
         if step not in self._manager.all_steps():
-            raise CheckpointError(f"checkpoint {path} does not exist; available steps: {self.steps or 'none'}")
+            raise CheckpointError(
+                f"checkpoint {path} does not exist; available steps: {self.steps or 'none'}"
+            )
         present = {p.name for p in path.iterdir() if p.is_dir()}
         needed = {"params", "opt_state", "config", "meta"} | ({"ema"} if ema is not None else set())
         needed |= {"data"} if data_iter is not None else set()

@@ -233,9 +233,11 @@ def _convert(tp: Any, value: Any, key: str, origin: str) -> Any:
             return tuple(_convert(args[0], v, f"{key}[{i}]", origin) for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(
-                f"{origin}: key '{key}' expects {len(args)} items ({_type_name(tp)}), got {len(value)}: {value!r}"
+                f"{origin}: key '{key}' expects {len(args)} items ({_type_name(tp)}), "
+                f"got {len(value)}: {value!r}"
             )
-        return tuple(_convert(a, v, f"{key}[{i}]", origin) for i, (a, v) in enumerate(zip(args, value)))
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, f"{key}[{i}]", origin) for i, (a, v) in pairs)
     if origin_tp is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise bad()
@@ -256,7 +258,9 @@ def _convert(tp: Any, value: Any, key: str, origin: str) -> Any:
         if not isinstance(value, str):
             raise bad()
         return value
-    raise ConfigError(f"{origin}: key '{key}' has an unsupported field type {_type_name(tp)} in its dataclass")
+    raise ConfigError(
+        f"{origin}: key '{key}' has an unsupported field type {_type_name(tp)} in its dataclass"
+    )
 
 
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -322,7 +326,11 @@ def _apply_override(cls: type, data: dict, override: str) -> None:
     tp, node = cls, data
     for depth, name in enumerate(names):
         prefix = ".".join(names[:depth])
-        arms = [tp] if dataclasses.is_dataclass(tp) else [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        arms = (
+            [tp]
+            if dataclasses.is_dataclass(tp)
+            else [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        )
         if not arms:
             raise ConfigError(f"{origin}: key '{prefix}' is a {_type_name(tp)}, not a group with sub-keys")
         fields = _fields(arms[0])
@@ -350,7 +358,8 @@ def resolve_config_path(name: str | os.PathLike, config_dir: Path = CONFIG_DIR) 
     close = difflib.get_close_matches(path.stem, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(
-        f"config '{name}' not found as a path or in {config_dir}{hint}; available: {', '.join(known) or 'none'}"
+        f"config '{name}' not found as a path or in {config_dir}{hint}; "
+        f"available: {', '.join(known) or 'none'}"
     )
 
 

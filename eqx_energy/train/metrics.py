@@ -71,7 +71,10 @@ def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     for key, value in values.items():
         array = np.asarray(value)
         if array.size != 1:
-            raise ValueError(f"MetricsLogger.log: metric {key!r} must be a scalar, got shape {array.shape}; reduce it first")
+            raise ValueError(
+                f"MetricsLogger.log: metric {key!r} must be a scalar, got shape {array.shape}; "
+                "reduce it first"
+            )
         out[key] = float(array.reshape(()))
     return out
 
@@ -109,7 +112,13 @@ class MetricsLogger:
         self._truncate_after(start_step)
         self._file = open(self.path, "a")
         if progress is not False:
-            bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None if progress is None else False)
+            bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None if progress is None else False,
+            )
             self._bar = None if bar.disable else bar
         if use_wandb:
             self._wandb = self._start_wandb(config)
@@ -132,7 +141,9 @@ class MetricsLogger:
         mode = os.environ.get("WANDB_MODE", "offline")  # never needs network unless asked for
         return wandb.init(dir=str(self.run_dir), config=dict(config or {}), mode=mode, name=self.run_dir.name)
 
-    def log(self, step: int, metrics: Mapping[str, Any], *, data_wait_s: float | None = None) -> dict[str, int | float]:
+    def log(
+        self, step: int, metrics: Mapping[str, Any], *, data_wait_s: float | None = None
+    ) -> dict[str, int | float]:
         """Record scalar `metrics` at `step` plus steps/s since the previous call (and the data-wait
         time and its fraction of that interval, if given). Returns the record."""
         now = time.perf_counter()
@@ -194,7 +205,7 @@ def plot_metrics(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Pa
         for key in curves:
             points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
             if points:
-                steps, values = zip(*points)
+                steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, label=key)
         ax.set_xlabel("step")
         ax.set_title(panel)

@@ -63,7 +63,9 @@ def lr_schedule(cfg: OptimConfig, peak: float, total_steps: int) -> optax.Schedu
     if cfg.schedule == "constant":
         warmup = optax.linear_schedule(start, peak, cfg.warmup_steps)
         return optax.join_schedules([warmup, optax.constant_schedule(peak)], [cfg.warmup_steps])
-    return optax.warmup_cosine_decay_schedule(start, peak, cfg.warmup_steps, decay, end_value=peak * cfg.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        start, peak, cfg.warmup_steps, decay, end_value=peak * cfg.min_lr_ratio
+    )
 
 
 def _delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
@@ -129,9 +131,13 @@ def make_optimizer(
     present = set(jax.tree.leaves(labels))
     unknown = present - set(GROUPS)
     if unknown:
-        raise ValueError(f"make_optimizer: labels must be in {GROUPS}, got {sorted(unknown)}; build them with group_labels")
+        raise ValueError(
+            f"make_optimizer: labels must be in {GROUPS}, got {sorted(unknown)}; build them with group_labels"
+        )
     if not present:
-        raise ValueError("make_optimizer: labels has no leaves, so nothing is trainable; check the trainable filter")
+        raise ValueError(
+            "make_optimizer: labels has no leaves, so nothing is trainable; check the trainable filter"
+        )
     peaks = {"energy": cfg.energy_lr, "policy": cfg.policy_lr}
     starts = {"energy": energy_warm_steps, "policy": 0}
     transforms, schedules = {}, []

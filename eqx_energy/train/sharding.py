@@ -20,7 +20,8 @@ import os
 import equinox as eqx
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int = 4 * 2**20) -> PyTr
         if not (eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)):
             return None
         spec = fsdp_spec(tuple(leaf.shape), np.dtype(leaf.dtype).itemsize, fsdp_size, min_bytes)
-        logger.info("sharding %s %s %s -> %s", jax.tree_util.keystr(path), leaf.dtype, tuple(leaf.shape), spec)
+        logger.info(
+            "sharding %s %s %s -> %s", jax.tree_util.keystr(path), leaf.dtype, tuple(leaf.shape), spec
+        )
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
