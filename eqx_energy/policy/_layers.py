@@ -1,7 +1,8 @@
 """Small building blocks shared by SigLIP, Gemma and Pi0, laid out like openpi's parameters.
 
 `Dense` keeps flax's (in, out) kernel so openpi checkpoints load without a transpose. Initialisers
-follow openpi (§1.5 of reference/openpi.md) so that from-scratch training (the demo) starts alike.
+have openpi's variances (§1.5 of reference/openpi.md), drawn untruncated, so from-scratch training
+(the demo) starts alike.
 """
 
 from __future__ import annotations
@@ -12,8 +13,17 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
-_lecun = jax.nn.initializers.lecun_normal()
-_xavier = jax.nn.initializers.xavier_uniform()
+
+
+def lecun(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Float[Array, "..."]:
+    """N(0, 1/fan_in): lecun-normal's variance, drawn untruncated (one cheap op; only from-scratch init uses it)."""
+    return jax.random.normal(key, shape, jnp.float32) / jnp.sqrt(float(fan_in))
+
+
+def xavier(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Float[Array, "..."]:
+    """U(-l, l), l = sqrt(6 / (fan_in + fan_out)) (xavier-uniform)."""
+    lim = (6.0 / (fan_in + fan_out)) ** 0.5
+    return jax.random.uniform(key, shape, jnp.float32, -lim, lim)
 
 
 class Dense(eqx.Module):
@@ -28,9 +38,9 @@ class Dense(eqx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, init: str = "lecun", key: PRNGKeyArray):
         if init == "lecun":
-            self.kernel = _lecun(key, (in_features, out_features), jnp.float32)
+            self.kernel = lecun(key, (in_features, out_features), in_features)
         elif init == "xavier":
-            self.kernel = _xavier(key, (in_features, out_features), jnp.float32)
+            self.kernel = xavier(key, (in_features, out_features), in_features, out_features)
         elif init == "zeros":
             self.kernel = jnp.zeros((in_features, out_features), jnp.float32)
         else:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from eqx_energy.policy._layers import scan_layers, stack
+from eqx_energy.policy._layers import lecun, scan_layers, stack
 
 PALIGEMMA_VOCAB_SIZE = 257_152
 _BIG_NEG = -2.3819763e38  # openpi / gemma's mask value (not -inf: a fully masked row stays finite)
@@ -116,11 +116,11 @@ class ExpertLayer(eqx.Module):
     def __init__(self, cfg: GemmaConfig, adaptive: bool, *, key: PRNGKeyArray):
         qkey, kvkey, okey, gkey, lkey = jax.random.split(key, 5)
         d, n, k, e, f = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-        self.q_einsum = jax.nn.initializers.lecun_normal(-2, -1, (0,))(qkey, (n, d, e), jnp.float32)
-        self.kv_einsum = jax.nn.initializers.lecun_normal(-2, -1, (0, 1))(kvkey, (2, k, d, e), jnp.float32)
-        self.attn_vec_einsum = jax.nn.initializers.lecun_normal((-3, -2), -1)(okey, (n, e, d), jnp.float32)
-        self.gating_einsum = jax.nn.initializers.lecun_normal(-2, -1, (0,))(gkey, (2, d, f), jnp.float32)
-        self.linear = jax.nn.initializers.lecun_normal()(lkey, (f, d), jnp.float32)
+        self.q_einsum = lecun(qkey, (n, d, e), d)
+        self.kv_einsum = lecun(kvkey, (2, k, d, e), d)
+        self.attn_vec_einsum = lecun(okey, (n, e, d), n * e)
+        self.gating_einsum = lecun(gkey, (2, d, f), d)
+        self.linear = lecun(lkey, (f, d), f)
         self.pre_attention_norm = _norm(d, adaptive)
         self.pre_ffw_norm = _norm(d, adaptive)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from eqx_energy.policy._layers import Dense, LayerNorm, scan_layers, stack
+from eqx_energy.policy._layers import Dense, LayerNorm, lecun, scan_layers, stack, xavier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,10 @@ class SiglipAttention(eqx.Module):
     def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray):
         qkey, kkey, vkey, okey = jax.random.split(key, 4)
         e = width // num_heads
-        init = jax.nn.initializers.xavier_uniform(in_axis=-3, out_axis=(-2, -1))
-        self.query_kernel = init(qkey, (width, num_heads, e), jnp.float32)
-        self.key_kernel = init(kkey, (width, num_heads, e), jnp.float32)
-        self.value_kernel = init(vkey, (width, num_heads, e), jnp.float32)
-        self.out_kernel = jax.nn.initializers.xavier_uniform(in_axis=(-3, -2), out_axis=-1)(okey, (num_heads, e, width), jnp.float32)
+        self.query_kernel = xavier(qkey, (width, num_heads, e), width, width)
+        self.key_kernel = xavier(kkey, (width, num_heads, e), width, width)
+        self.value_kernel = xavier(vkey, (width, num_heads, e), width, width)
+        self.out_kernel = xavier(okey, (num_heads, e, width), width, width)
         self.query_bias = jnp.zeros((num_heads, e), jnp.float32)
         self.key_bias = jnp.zeros((num_heads, e), jnp.float32)
         self.value_bias = jnp.zeros((num_heads, e), jnp.float32)
@@ -129,7 +128,7 @@ class Siglip(eqx.Module):
         ekey, pkey, bkey = jax.random.split(key, 3)
         p, d = cfg.patch_size, cfg.width
         n = (image_size // p) ** 2
-        self.embedding = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)(ekey, (p, p, 3, d), jnp.float32)
+        self.embedding = lecun(ekey, (p, p, 3, d), p * p * 3)
         self.embedding_bias = jnp.zeros((d,), jnp.float32)
         self.pos_embedding = jax.random.normal(pkey, (1, n, d), jnp.float32) / jnp.sqrt(float(d))
         self.blocks = stack(lambda k: SiglipBlock(cfg, key=k), cfg.depth, bkey)
