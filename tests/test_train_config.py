@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from eqx_energy.train.config import (
@@ -194,3 +195,22 @@ def test_yaml_floats_follow_yaml_1_2():
         16,
         "1e3",
     ]
+
+
+def test_real_groups_and_array_fields_round_trip():
+    from eqx_energy import CorrectionConfig, EnergyConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Run:
+        energy: EnergyConfig
+        correction: CorrectionConfig = CorrectionConfig()
+
+    cfg = from_dict(Run, {"energy": {"context_dim": 16, "action_dim": 4}, "correction": {"alpha": 0.3}})
+    text = dump_config(cfg)
+    assert "alpha: 0.3," in text or "alpha: 0.3\n" in text
+    again = from_dict(Run, parse_yaml(text, origin="x"))
+    assert again.energy == cfg.energy
+    assert to_dict(again) == to_dict(cfg)
+    assert np.asarray(again.correction.alpha).tobytes() == np.asarray(cfg.correction.alpha).tobytes()
+    with pytest.raises(ConfigError, match="key 'energy.output' expects one of 'sigmoid'"):
+        from_dict(Run, {"energy": {"context_dim": 16, "action_dim": 4, "output": "sigmod"}})

@@ -22,7 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
+
+from eqx_energy.correct import CorrectionConfig
+from eqx_energy.energy import EnergyConfig
+from eqx_energy.policy.pi0 import Pi0Config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """Where a bare config name (`libero_energy` or `libero_energy.yaml`) is looked up."""
@@ -123,6 +128,68 @@ class LossConfig:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """The policy: its architecture, where its weights and tokenizer come from."""
+
+    model: Pi0Config = Pi0Config()
+    checkpoint: str | None = None  # openpi params dir (.../params); None = fresh init (demo)
+    tokenizer: str | None = None  # sentencepiece model; None = trained on the dataset's tasks, kept in the run
+    frozen_dtype: str | None = "bfloat16"  # energy_only: the frozen backbone's dtype; None = as loaded
+    sample_steps: int = 10  # flow-matching Euler steps when sampling actions
+
+    def __post_init__(self) -> None:
+        _require(self.sample_steps > 0, "policy.sample_steps must be > 0")
+        _require(self.frozen_dtype in (None, "bfloat16", "float32"), "policy.frozen_dtype must be bfloat16, float32 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A LeRobot dataset and openpi's input transforms over it (eqx_energy.data)."""
+
+    root: str  # dataset directory (meta/info.json inside); ${VAR} expands
+    action_dim: int = 7  # environment action dims (LIBERO 7, Meta-World 4) = energy.action_dim
+    delta_dims: int | None = None  # first N action dims made relative to the state (pi0_libero: 6)
+    image_key: str = "image"
+    wrist_key: str | None = "wrist_image"
+    state_key: str = "state"
+    discrete_state: bool = False  # Pi0.5-style discretized state in the prompt
+    norm_stats: str | None = None  # norm_stats.json (or an openpi checkpoint's assets); None = computed
+    holdout_fraction: float = 0.1  # episodes held out from training, recorded in the run
+    holdout_seed: int = 0
+    batch_size: int = 32
+    workers: int = 0  # grain worker processes (0 is fastest on 2 cores)
+
+    def __post_init__(self) -> None:
+        _require(self.action_dim > 0, "data.action_dim must be > 0")
+        _require(self.batch_size > 1, "data.batch_size must be > 1 (in-batch negatives need b >= 2)")
+        _require(0.0 <= self.holdout_fraction < 1.0, "data.holdout_fraction must be in [0, 1)")
+        _require(
+            self.delta_dims is None or 0 < self.delta_dims <= self.action_dim,
+            "data.delta_dims must be in 1..data.action_dim or null",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run: `python train.py --config NAME [--set key.sub=value ...]`."""
+
+    policy: PolicyConfig
+    energy: EnergyConfig
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    correction: CorrectionConfig = CorrectionConfig()
+    run_dir: str | None = None  # default for --run-dir
+
+    def __post_init__(self) -> None:
+        _require(
+            self.data.batch_size % (self.loss.chunk or self.data.batch_size) == 0,
+            "loss.chunk must divide data.batch_size",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,7 +376,18 @@ def to_dict(config: Any) -> Any:
         return [to_dict(v) for v in config]
     if isinstance(config, Mapping):
         return {k: to_dict(v) for k, v in config.items()}
+    if hasattr(config, "shape") and hasattr(config, "dtype"):  # array leaves (e.g. correction.alpha)
+        return _plain(np.asarray(config))
     return config
+
+
+def _plain(array: np.ndarray) -> Any:
+    """Array -> (nested lists of) Python scalars; floats by their shortest repr in their own
+    precision (f32 0.3 -> 0.3, not 0.30000001192092896), which converts back to the same bits."""
+    if array.ndim:
+        return [_plain(a) for a in array]
+    value = array[()]
+    return float(str(value)) if array.dtype.kind == "f" else value.item()
 
 
 # ------------------------------------------------------------------------------------------------
