@@ -182,7 +182,9 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainLoopConfig = TrainLoopConfig()
-    correction: CorrectionConfig = CorrectionConfig()
+    # A factory: CorrectionConfig() holds jnp arrays, and building them at import time would
+    # start the XLA backend before a multi-host program can call jax.distributed.initialize.
+    correction: CorrectionConfig = dataclasses.field(default_factory=CorrectionConfig)
     run_dir: str | None = None  # default for --run-dir
 
     def __post_init__(self) -> None:
