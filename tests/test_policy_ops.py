@@ -1,5 +1,6 @@
 """Gemma / SigLIP ops against small independent numpy references."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,13 +117,13 @@ def _numpy_gemma_layer(layers, xs, positions, mask):
 
 def test_gemma_mixture_layer_matches_numpy():
     cfgs = (GemmaConfig(16, 1, 24, 4, 1, 8), GemmaConfig(8, 1, 12, 4, 1, 8))
-    gemma = Gemma(cfgs, vocab_size=10, embed_dtype="float32", key=jax.random.key(0))
+    gemma = jax.jit(lambda k: Gemma(cfgs, vocab_size=10, embed_dtype="float32", key=k))(jax.random.key(0))
     xs = [RNG.normal(size=(5, 16)).astype(np.float32), RNG.normal(size=(3, 8)).astype(np.float32)]
     valid = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
     ar = np.array([0, 0, 0, 0, 0, 1, 0, 0], bool)
     mask = np.asarray(attention_mask(jnp.asarray(valid), jnp.asarray(ar)))
     positions = np.cumsum(valid) - 1
-    (o0, o1), (k, v) = gemma(tuple(jnp.asarray(x) for x in xs), jnp.asarray(positions, jnp.int32), jnp.asarray(mask))
+    (o0, o1), (k, v) = eqx.filter_jit(lambda g, *a: g(*a))(gemma, tuple(jnp.asarray(x) for x in xs), jnp.asarray(positions, jnp.int32), jnp.asarray(mask))
     layers = [jax.tree.map(lambda a: a[0], l) for l in gemma.layers]
     w0, w1 = _numpy_gemma_layer(layers, xs, positions, mask)
     rms = lambda x: x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6)  # final norms (scale 0)
@@ -139,6 +140,6 @@ def test_gemma_rejects_mismatched_experts():
 
 
 def test_expert_layer_init_shapes():
-    layer = ExpertLayer(GemmaConfig(16, 1, 24, 4, 1, 8), adaptive=True, key=jax.random.key(1))
+    layer = eqx.filter_eval_shape(ExpertLayer, GemmaConfig(16, 1, 24, 4, 1, 8), adaptive=True, key=jax.random.key(1))
     assert layer.q_einsum.shape == (4, 16, 8) and layer.kv_einsum.shape == (2, 1, 16, 8)
     assert layer.pre_attention_norm.kernel.shape == (16, 48)
