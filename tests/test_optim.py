@@ -1,5 +1,6 @@
 """Per-group AdamW: state only for trainable leaves, schedules, warm-steps delay, EMA, skip guard."""
 
+import functools
 import math
 
 import equinox as eqx
@@ -33,6 +34,11 @@ class Container(eqx.Module):
         return self.energy(self.policy(x))[0]
 
 
+@eqx.filter_jit
+def make_container(key):
+    return Container(key=key)  # one compiled init instead of many eager ops
+
+
 def split(model, mode):
     spec = jax.tree.map(lambda _: False, model)
     if mode == "energy_only":
@@ -52,7 +58,7 @@ def sizes(tree):
 
 
 def test_state_only_for_trainable_leaves_and_frozen_untouched(key):
-    model = Container(key=key)
+    model = make_container(key)
     trainable, frozen = split(model, "energy_only")
     params = eqx.filter(trainable, eqx.is_inexact_array)
     labels = group_labels(params)
@@ -85,7 +91,7 @@ def test_state_only_for_trainable_leaves_and_frozen_untouched(key):
 
 
 def test_joint_groups_have_own_lr(key):
-    model = Container(key=key)
+    model = make_container(key)
     params = eqx.filter(model, eqx.is_inexact_array)
     labels = group_labels(params)
     assert labels.policy.layers[0].weight == "policy" and labels.energy.layers[1].bias == "energy"
@@ -93,7 +99,7 @@ def test_joint_groups_have_own_lr(key):
     opt = make_optimizer(cfg, labels, total_steps=10)
     state = opt.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = opt.update(grads, state, params)
+    updates, state = eqx.filter_jit(opt.update)(grads, state, params)
     # First Adam step with a constant gradient moves every entry by -lr (bias-corrected m / sqrt(v) = 1),
     # then global-norm clipping has scaled g but Adam is scale-invariant up to eps.
     np.testing.assert_allclose(np.asarray(updates.energy.layers[0].weight), -1e-2, rtol=1e-4)
@@ -122,19 +128,20 @@ def test_schedule_values():
 
 
 def test_energy_warm_steps_delay(key):
-    model = Container(key=key)
+    model = make_container(key)
     params = eqx.filter(model, eqx.is_inexact_array)
     cfg = OptimConfig(energy_lr=0.1, policy_lr=0.01, warmup_steps=2, decay_steps=20)
     opt = make_optimizer(cfg, group_labels(params), total_steps=20, energy_warm_steps=3)
     state = opt.init(params)
     sched = lr_schedule(cfg, 0.1, 20)
+    jit_update = eqx.filter_jit(opt.update)
     grads = jax.tree.map(jnp.ones_like, params)
     for n in range(5):
         lrs = opt.learning_rates(state)
         expected_energy = 0.0 if n < 3 else float(sched(n - 3))
         np.testing.assert_allclose(float(lrs["energy"]), expected_energy, rtol=1e-6)
         np.testing.assert_allclose(float(lrs["policy"]), float(lr_schedule(cfg, 0.01, 20)(n)), rtol=1e-6)
-        updates, state = opt.update(grads, state, params)
+        updates, state = jit_update(grads, state, params)
         energy_moves = any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates.energy))
         assert energy_moves == (n >= 3), n
         assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates.policy.layers[0]))
@@ -158,70 +165,50 @@ def tree_bits(tree):
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree) if eqx.is_array(x)]
 
 
-@pytest.mark.parametrize("poison", ["loss", "grad_nan", "grad_inf"])
-def test_non_finite_update_skipped_and_counted(key, poison):
-    model = Container(key=key)
+def test_non_finite_update_skipped_and_counted(key):
+    model = make_container(key)
     params = eqx.filter(model, eqx.is_inexact_array)
     opt = make_optimizer(OptimConfig(warmup_steps=0), group_labels(params), total_steps=10)
-    state, ema, skipped = opt.init(params), jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32)
-    step = eqx.filter_jit(guarded_update)
+    step = eqx.filter_jit(functools.partial(guarded_update, opt, ema_decay=0.9))
     grads = jax.tree.map(jnp.ones_like, params)
-    first = step(opt, grads, state, params, loss=jnp.float32(1.0), skipped=skipped, ema=ema, ema_decay=0.9)
-    assert bool(first.finite) and int(first.skipped) == 0 and int(first.opt_state.count) == 1
-    bad_grads, loss = grads, jnp.float32(1.0)
-    if poison == "loss":
-        loss = jnp.float32(jnp.nan)
-    else:
-        bad = jnp.nan if poison == "grad_nan" else jnp.inf
-        bad_grads = eqx.tree_at(
-            lambda p: p.energy.layers[0].weight, grads, grads.energy.layers[0].weight.at[0, 0].set(bad)
-        )
-    second = step(
-        opt,
-        bad_grads,
-        first.opt_state,
-        first.params,
-        loss=loss,
-        skipped=first.skipped,
-        ema=first.ema,
-        ema_decay=0.9,
-    )
-    assert not bool(second.finite) and int(second.skipped) == 1
-    assert tree_bits(second.params) == tree_bits(first.params)
-    assert tree_bits(second.opt_state) == tree_bits(first.opt_state)
-    assert tree_bits(second.ema) == tree_bits(first.ema)
-    third = step(
-        opt,
-        grads,
-        second.opt_state,
-        second.params,
-        loss=jnp.float32(1.0),
-        skipped=second.skipped,
-        ema=second.ema,
-        ema_decay=0.9,
-    )
-    assert bool(third.finite) and int(third.skipped) == 1 and int(third.opt_state.count) == 2
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(third.params))
+    one = jnp.float32(1.0)
+    state = step(grads, opt.init(params), params, loss=one, skipped=jnp.int32(0), ema=params)
+    assert bool(state.finite) and int(state.skipped) == 0 and int(state.opt_state.count) == 1
+
+    def poisoned(value):
+        weight = grads.energy.layers[0].weight.at[0, 0].set(value)
+        return eqx.tree_at(lambda p: p.energy.layers[0].weight, grads, weight)
+
+    cases = {"loss": (grads, jnp.float32(jnp.nan)), "grad_nan": (poisoned(jnp.nan), one)}
+    cases["grad_inf"] = (poisoned(jnp.inf), one)
+    for n, (name, (bad_grads, loss)) in enumerate(cases.items(), start=1):
+        out = step(bad_grads, state.opt_state, state.params, loss=loss, skipped=state.skipped, ema=state.ema)
+        assert not bool(out.finite) and int(out.skipped) == n, name
+        assert tree_bits(out.params) == tree_bits(state.params), name
+        assert tree_bits(out.opt_state) == tree_bits(state.opt_state), name
+        assert tree_bits(out.ema) == tree_bits(state.ema), name
+        state = step(grads, out.opt_state, out.params, loss=one, skipped=out.skipped, ema=out.ema)
+        assert bool(state.finite) and int(state.skipped) == n and int(state.opt_state.count) == n + 1
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
 def test_guarded_update_equals_plain_update_and_ema(key):
-    model = Container(key=key)
+    model = make_container(key)
     params = eqx.filter(model, eqx.is_inexact_array)
     opt = make_optimizer(OptimConfig(warmup_steps=0), group_labels(params), total_steps=10)
     state = opt.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    out = guarded_update(
-        opt,
-        grads,
-        state,
-        params,
-        loss=jnp.float32(0.0),
-        skipped=jnp.zeros((), jnp.int32),
-        ema=params,
-        ema_decay=0.5,
-    )
-    updates, ref_state = opt.update(grads, state, params)
-    ref_params = eqx.apply_updates(params, updates)
+
+    @eqx.filter_jit
+    def both(grads, state, params):
+        zero = jnp.zeros((), jnp.int32)
+        out = guarded_update(
+            opt, grads, state, params, loss=jnp.float32(0), skipped=zero, ema=params, ema_decay=0.5
+        )
+        updates, ref_state = opt.update(grads, state, params)
+        return out, eqx.apply_updates(params, updates), ref_state
+
+    out, ref_params, ref_state = both(grads, state, params)
     assert tree_bits(out.params) == tree_bits(ref_params)
     assert tree_bits(out.opt_state) == tree_bits(ref_state)
     ref_ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, params, ref_params)

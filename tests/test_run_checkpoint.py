@@ -27,6 +27,7 @@ class Container(eqx.Module):
         self.energy = eqx.nn.MLP(8, 1, width_size=16, depth=1, key=ke)
 
 
+@eqx.filter_jit
 def make_state(key):
     model = Container(key=key)
     spec = jax.tree.map(lambda _: False, model)
@@ -201,7 +202,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, key):
     def batches():
         return iter(grain.MapDataset.source(table).shuffle(seed=1).batch(8).to_iter_dataset())
 
-    model = Container(key=key)
+    model = eqx.filter_jit(lambda k: Container(key=k))(key)
     spec = jax.tree.map(lambda _: False, model)
     spec = eqx.tree_at(lambda m: m.energy, spec, replace=jax.tree.map(eqx.is_inexact_array, model.energy))
     trainable, frozen = eqx.partition(model, spec)
