@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+DEMO_DATA ?= data/generated/metaworld
+DEMO_RUN ?= runs/demo
+
 demo: $(STAMP)
-	$(PY) -m eqx_energy.demo
+	test -f $(DEMO_DATA)/meta/info.json || $(PY) -m eqx_energy.sim.generate --out $(DEMO_DATA)
+	$(PY) train.py --config demo --run-dir $(DEMO_RUN) --set data.root=$(DEMO_DATA)
+	$(PY) correct.py --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/eval
 
 bench: $(STAMP)
 	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data/generated .pytest_cache
