@@ -39,6 +39,23 @@ def time_call(fn: Callable[[], object], repeats: int = MIN_REPEATS) -> dict[str,
     return {"median_s": statistics.median(times), "min_s": min(times), "first_call_s": first, "repeats": repeats}
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = MIN_REPEATS) -> dict[str, float]:
+    """Median seconds per call of each function, measured side by side: one warm-up call each,
+    then `repeats` rounds that call every function once (so load from other processes on a
+    shared machine falls on all of them alike)."""
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats={repeats}: the benchmarks report a median of >= {MIN_REPEATS} runs")
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def compiled_stats(jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]]:
     """The compiled `jitted` for `args`, with its peak bytes (argument + output + temp - alias) and FLOPs.
 
