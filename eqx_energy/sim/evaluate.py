@@ -99,15 +99,20 @@ class _Episode:
     length: int = 0
 
 
+def _checked(chunk: Any, rows: int, replan_every: int, who: str) -> np.ndarray:
+    chunk = np.asarray(chunk)
+    if chunk.ndim != 3 or chunk.shape[0] != rows or chunk.shape[2] != ACTION_DIM or chunk.shape[1] < replan_every:
+        raise ValueError(f"{who} must return action chunks (b={rows}, h>={replan_every}, {ACTION_DIM}) in env space "
+                         f"for b={rows} observations (replan_every={replan_every}); got shape {chunk.shape}")
+    return chunk
+
+
 def _padded(policy_fn: PolicyFn, slots: int, replan_every: int) -> PolicyFn:
     """policy_fn on exactly `slots` rows (the last observation repeated), its output checked and cut back."""
 
     def call(observations: list[Observation]) -> np.ndarray:
-        chunk = np.asarray(policy_fn(observations + [observations[-1]] * (slots - len(observations))))
-        if chunk.ndim != 3 or chunk.shape[0] != slots or chunk.shape[2] != ACTION_DIM or chunk.shape[1] < replan_every:
-            raise ValueError(f"policy_fn must return action chunks (b={slots}, h>={replan_every}, {ACTION_DIM}) in env "
-                             f"space for b={slots} observations (replan_every={replan_every}); got shape {chunk.shape}")
-        return chunk[: len(observations)]
+        chunk = policy_fn(observations + [observations[-1]] * (slots - len(observations)))
+        return _checked(chunk, slots, replan_every, "policy_fn")[: len(observations)]
 
     return call
 
@@ -140,11 +145,8 @@ def _run_task(policy_fn: PolicyFn, task: str, episodes: int, *, seed: int, repla
             if not active:
                 break
             observations = [{**running[s].obs, "prompt": envs[s].prompt} for s in active]
-            chunk = np.asarray(act(call, observations, noise_sigma, [running[s].rng for s in active]))
-            if chunk.shape[:1] != (len(active),) or chunk.shape[1] < replan_every:
-                raise ValueError(f"act must return (b={len(active)}, h>={replan_every}, {ACTION_DIM}) chunks; "
-                                 f"got shape {chunk.shape}")
-            chunk = np.clip(chunk[:, :replan_every], -1.0, 1.0)
+            chunk = act(call, observations, noise_sigma, [running[s].rng for s in active])
+            chunk = np.clip(_checked(chunk, len(active), replan_every, "act")[:, :replan_every], -1.0, 1.0)
             for k in range(replan_every):
                 for i, s in enumerate(active):
                     episode = running[s]
@@ -156,6 +158,7 @@ def _run_task(policy_fn: PolicyFn, task: str, episodes: int, *, seed: int, repla
                         successes[episode.index], lengths[episode.index] = success, episode.length
                         running[s] = None
                         bar.update(1)
+                        bar.set_postfix_str(f"{task} {sum(successes)} successes", refresh=False)
     finally:
         for env in envs:
             if env is not None:
@@ -172,10 +175,10 @@ def evaluate(policy_fn: PolicyFn, tasks: Sequence[str], episodes: int, *, seed: 
     See the module docstring for the loop, the noise hook `act` and how episodes are seeded.
     render_images=False gives state-only observations (no cameras: 20-50x faster steps).
     """
-    if not tasks or episodes < 1 or replan_every < 1 or batch_envs < 1 or noise_sigma < 0:
-        raise ValueError(f"evaluate needs tasks, episodes >= 1, replan_every >= 1, batch_envs >= 1, noise_sigma >= 0; "
-                         f"got tasks={list(tasks)}, episodes={episodes}, replan_every={replan_every}, "
-                         f"batch_envs={batch_envs}, noise_sigma={noise_sigma}")
+    if not tasks or episodes < 1 or replan_every < 1 or batch_envs < 1 or noise_sigma < 0 or seed < 0:
+        raise ValueError(f"evaluate needs tasks, episodes >= 1, replan_every >= 1, batch_envs >= 1, noise_sigma >= 0, "
+                         f"seed >= 0; got tasks={list(tasks)}, episodes={episodes}, replan_every={replan_every}, "
+                         f"batch_envs={batch_envs}, noise_sigma={noise_sigma}, seed={seed}")
     if not 1 <= max_steps <= MAX_EPISODE_STEPS:
         raise ValueError(f"max_steps must be in [1, {MAX_EPISODE_STEPS}] (Meta-World's episode limit); got {max_steps}")
     settings = {"episodes": episodes, "seed": seed, "replan_every": replan_every, "max_steps": max_steps,
@@ -184,7 +187,6 @@ def evaluate(policy_fn: PolicyFn, tasks: Sequence[str], episodes: int, *, seed: 
     results = []
     with tqdm(total=len(tasks) * episodes, desc="eval", disable=not progress) as bar:
         for task in tasks:
-            bar.set_postfix_str(task)
             result = _run_task(policy_fn, task, episodes, seed=seed, replan_every=replan_every, max_steps=max_steps,
                                noise_sigma=noise_sigma, render_images=render_images, image_size=image_size,
                                cameras=cameras, slots=min(batch_envs, episodes), act=act, bar=bar)
