@@ -109,12 +109,14 @@ def correct(
     context: BatchContext,
     actions: PaddedActions,
     context_mask: BatchContextMask,
-    config: CorrectionConfig = CorrectionConfig(),
+    config: CorrectionConfig | None = None,
     *,
     key: PRNGKeyArray | None = None,
 ) -> tuple[PaddedActions, CorrectionTrace]:
     """Corrected actions (b h p) and the trace. Only [..., :action_dim] move (only step 0 of the
-    chunk if `first_only`); every other entry comes back bit-identical."""
+    chunk if `first_only`); every other entry comes back bit-identical. `config=None` means
+    `CorrectionConfig()` (built here: a default instance would create arrays at import time)."""
+    config = CorrectionConfig() if config is None else config
     _check_actions(model, actions, "actions", exact=False)
     action_dim = model.action_dim
     if config.act_dim is not None and config.act_dim != action_dim:
