@@ -1,0 +1,128 @@
+"""Evaluate, sweep and serve a trained run's energy correction.
+
+    python correct.py [eval] --ckpt RUN[/checkpoints/STEP] [--data DIR] [--frames 64]
+                             [--alpha-sweep 0.01,0.03,0.1,0.3 --steps 1,3,5] [--out DIR]
+    python correct.py serve  --ckpt RUN [--port 8000] [--steps 3 --alpha 0.1 | --no-correction]
+    python correct.py eval-sim --ckpt RUN ...   (closed loop in Meta-World: eqx_energy.sim.evaluate)
+
+eval: ranking of expert vs perturbed chunks, correction of perturbed expert chunks and of the
+policy's own samples on held-out frames (eqx_energy.offline_eval); prints a table, writes
+report.json, sweep.png and energy_hist.png to --out (default RUN/correct_eval).
+serve: a websocket server speaking openpi's protocol (eqx_energy.serve).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="run dir (latest step) or RUN/checkpoints/STEP")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw trained params, not their EMA")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    ev = sub.add_parser("eval", help="offline evaluation on held-out frames (default)")
+    _common(ev)
+    ev.add_argument("--data", help="LeRobot dataset (default: the run's data.root)")
+    ev.add_argument("--split", default="holdout", choices=("holdout", "train", "all"))
+    ev.add_argument("--frames", type=int, default=64, help="held-out frames to evaluate (bounds the work)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--alpha-sweep", help="comma-separated alphas (default: the run's correction.alpha)")
+    ev.add_argument("--steps", help="comma-separated correction step counts (default: the run's)")
+    ev.add_argument("--sigmas", default="0.1,0.3,1.0", help="gaussian perturbation scales for ranking")
+    ev.add_argument("--correct-sigma", type=float, default=0.3, help="perturbation that correction must undo")
+    ev.add_argument("--clip-frac", type=float)
+    ev.add_argument("--first-only", action="store_true")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="output dir (default: RUN/correct_eval)")
+    sv = sub.add_parser("serve", help="websocket policy server (openpi protocol)")
+    _common(sv)
+    sv.add_argument("--host", default="0.0.0.0")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--steps", type=int, help="correction steps (default: the run's)")
+    sv.add_argument("--alpha", type=float)
+    sv.add_argument("--clip-frac", type=float)
+    sv.add_argument("--first-only", action="store_true")
+    sv.add_argument("--no-correction", action="store_true", help="serve the policy's raw samples")
+    sub.add_parser("eval-sim", help="closed-loop Meta-World evaluation (eqx_energy.sim.evaluate)", add_help=False)
+    return parser
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from eqx_energy import offline_eval as oe
+    from eqx_energy.checkpoints.load_run import load_run
+
+    alphas = oe.parse_list(args.alpha_sweep, float, "--alpha-sweep") if args.alpha_sweep else None
+    steps = oe.parse_list(args.steps, int, "--steps") if args.steps else None
+    sigmas = oe.parse_list(args.sigmas, float, "--sigmas")
+    if args.frames < 1 or args.batch_size < 1:
+        raise ValueError(f"--frames and --batch-size must be >= 1; got {args.frames}, {args.batch_size}")
+    run = load_run(args.ckpt, use_ema=not args.no_ema)
+    settings = oe.settings_for(
+        run, alphas, steps, frames=args.frames, batch_size=args.batch_size, sigmas=sigmas,
+        correct_sigma=args.correct_sigma, clip_frac=args.clip_frac, first_only=args.first_only, seed=args.seed,
+    )
+    source = oe.holdout_source(run, args.data, args.split)
+    frames = oe.load_frames(run, source, settings.frames)
+    report = oe.evaluate(run, frames, settings)
+    out = Path(args.out) if args.out else run.run_dir / "correct_eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report["run"] = {"run_dir": str(run.run_dir), "step": run.step, "ema": run.ema, "data": str(source.root),
+                     "split": args.split}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plots = oe.save_plots(report, out)
+    print(oe.format_table(report))
+    print(f"\nwrote {out / 'report.json'}, " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from eqx_energy.checkpoints.load_run import load_run
+    from eqx_energy.serve.policy import EnergyPolicy, correction_from
+    from eqx_energy.serve.server import PolicyServer
+
+    run = load_run(args.ckpt, use_ema=not args.no_ema)
+    correction = correction_from(
+        run, steps=0 if args.no_correction else args.steps, alpha=args.alpha, clip_frac=args.clip_frac,
+        first_only=True if args.first_only else None,
+    )
+    server = PolicyServer(EnergyPolicy(run, correction), host=args.host, port=args.port)
+    print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} (correction steps={correction.steps})")
+    server.serve_forever()
+    return 0
+
+
+def _eval_sim(argv: list[str]) -> int:
+    # Plug-in point for the closed-loop evaluator (eqx_energy/sim/evaluate.py): it takes the remaining
+    # arguments, loads the run with eqx_energy.checkpoints.load_run and drives EnergyPolicy.infer_batch.
+    raise ValueError("eval-sim is not wired into correct.py yet; run the closed-loop evaluator from eqx_energy.sim")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval-sim"]:
+        commands = argv
+    elif not argv or argv[0] not in ("eval", "serve", "-h", "--help"):
+        commands = ["eval", *argv]
+    else:
+        commands = argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from eqx_energy.checkpoints.run import CheckpointError
+
+    try:
+        if commands[0] == "eval-sim":
+            return _eval_sim(commands[1:])
+        args = _parser().parse_args(commands)
+        return _serve(args) if args.command == "serve" else _eval(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
