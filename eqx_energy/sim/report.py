@@ -138,7 +138,7 @@ def plot_success(runs: "EvalResult | Mapping[str, EvalResult]", path: str | os.P
     runs = _as_runs(runs)
     names = list(dict.fromkeys(t.task for r in runs.values() for t in r.tasks)) + ["overall"]
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) * max(1, len(runs)) ** 0.5), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) * len(runs) ** 0.5), 4.5), layout="constrained")
     for i, (label, result) in enumerate(runs.items()):
         have = {t.task: t for t in result.tasks} | {"overall": result.overall}
         xs = [j + (i - (len(runs) - 1) / 2) * width for j, n in enumerate(names) if n in have]
@@ -148,8 +148,7 @@ def plot_success(runs: "EvalResult | Mapping[str, EvalResult]", path: str | os.P
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("success rate (Wilson 95% CI)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig.legend(loc="outside upper center", ncols=min(4, len(runs)), fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
