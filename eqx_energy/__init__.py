@@ -9,3 +9,6 @@ from eqx_energy.correct import CorrectionTrace as CorrectionTrace
 from eqx_energy.energy import ContextEncoding as ContextEncoding
 from eqx_energy.energy import EnergyConfig as EnergyConfig
 from eqx_energy.energy import EnergyModel as EnergyModel
+from eqx_energy.policy.pi0 import Observation as Observation
+from eqx_energy.policy.pi0 import Pi0 as Pi0
+from eqx_energy.policy.pi0 import Pi0Config as Pi0Config
