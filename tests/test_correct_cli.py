@@ -1,0 +1,121 @@
+"""correct.py eval on a tiny run trained inside the test: load_run, the report's numbers, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import correct as correct_cli
+from eqx_energy.checkpoints.load_run import load_run
+from eqx_energy.checkpoints.run import CheckpointError
+from eqx_energy.data.writer import write_lerobot_dataset
+from eqx_energy.offline_eval import roc_auc
+from eqx_energy.train.config import TrainConfig, from_dict
+from eqx_energy.train.loop import run as train_run
+
+pytestmark = pytest.mark.slow  # trains a tiny run (compiles the train step, sampling and correction): minutes on 2 cores
+
+TASKS = ("pick up the red block", "push the blue button", "open the top drawer", "close the left window")
+
+
+def make_tiny_run(tmp) -> tuple:
+    """(run dir, dataset dir): 6 episodes of 2-dim actions, a tiny Pi0 + energy trained 2 steps (joint, EMA)."""
+    rng = np.random.default_rng(0)
+    episodes = [({"image": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                  "wrist_image": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                  "state": rng.normal(size=(n, 3)).astype(np.float32),
+                  "actions": rng.normal(size=(n, 2)).astype(np.float32)}, TASKS[i % len(TASKS)])
+                for i, n in enumerate((7, 9, 8, 6, 10, 7))]
+    data = write_lerobot_dataset(tmp / "data", episodes, fps=10)
+    cfg = from_dict(TrainConfig, {
+        "policy": {"model": {"paligemma_variant": "tiny", "action_expert_variant": "tiny_expert",
+                             "siglip_variant": "tiny", "action_horizon": 4, "max_token_len": 8,
+                             "image_resolution": 16, "vocab_size": 48, "dtype": "float32", "action_dim": 8},
+                   "frozen_dtype": None, "sample_steps": 2},
+        "energy": {"context_dim": 64, "action_dim": 2, "hidden": 16, "num_heads": 2, "output": "softplus",
+                   "max_horizon": 4},
+        "data": {"root": str(data), "action_dim": 2, "holdout_fraction": 0.34, "batch_size": 8},
+        "optim": {"warmup_steps": 1, "ema_decay": 0.9},
+        "train": {"mode": "joint", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
+    })
+    return train_run(cfg, tmp / "run", progress=False), data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("correct"))
+
+
+def test_roc_auc_against_pair_counting():
+    pos, neg = np.array([0.1, 0.5, 0.3]), np.array([0.4, 0.5, 0.9, 0.2])
+    wins = sum((n > p) + 0.5 * (n == p) for p in pos for n in neg)
+    assert roc_auc(pos, neg) == pytest.approx(wins / 12)
+    assert roc_auc(np.zeros(3), np.ones(2)) == 1.0
+
+
+def test_load_run_restores_trained_ema(tiny):
+    run_dir, _ = tiny
+    run = load_run(run_dir)
+    same = load_run(run_dir / "checkpoints" / "2")
+    assert run.step == same.step == 2 and run.ema
+    raw = load_run(run_dir, use_ema=False)
+    leaves = lambda m: [np.asarray(x) for x in jax.tree.leaves(m.model.energy)]  # noqa: E731
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(run), leaves(raw)))  # EMA != raw after 2 steps
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(run), leaves(same)))
+
+
+def test_eval_writes_report_table_and_plots(tiny, tmp_path, capsys):
+    run_dir, _ = tiny
+    out = tmp_path / "eval"
+    rc = correct_cli.main(["--ckpt", str(run_dir), "--frames", "6", "--batch-size", "3", "--alpha-sweep", "0.01,0.3",
+                           "--steps", "0,2", "--sigmas", "0.5", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "energy_hist.png").stat().st_size > 0
+    assert report["frames"] == 6 and set(report["ranking"]) == {"gauss_0.5", "shuffle", "other_chunk"}
+    e = report["energies"]
+    for name, r in report["ranking"].items():
+        expert, neg = np.array(e["expert"]), np.array(e[name])
+        assert r["accuracy"] == pytest.approx(np.mean(expert < neg))
+        assert r["auc"] == pytest.approx(roc_auc(expert, neg))
+    rows = {(r["steps"], r["alpha"]): r for r in report["correction"]}
+    assert set(rows) == {(0, 0.01), (0, 0.3), (2, 0.01), (2, 0.3)}
+    for (steps, _), row in rows.items():
+        for part in ("pert", "policy"):
+            p = row[part]
+            assert len(p["energy_per_step"]) == steps + 1
+            if steps == 0:  # no correction: nothing moves
+                assert p["change"] == 0.0 and p["mse_after"] == pytest.approx(p["mse_before"])
+    # the perturbed start and the expert are the same for every setting (one seed)
+    assert len({round(r["pert"]["mse_before"], 6) for r in rows.values()}) == 1
+    assert rows[(2, 0.3)]["pert"]["change"] > rows[(2, 0.01)]["pert"]["change"] > 0
+    table = capsys.readouterr().out
+    assert "auc" in table and "gauss_0.5" in table and str(out / "report.json") in table
+
+
+def test_errors_are_one_line_with_nonzero_exit(tiny, tmp_path, capsys):
+    run_dir, data = tiny
+    assert correct_cli.main(["--ckpt", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert correct_cli.main(["--ckpt", str(run_dir / "checkpoints" / "7")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "checkpoints" / "2").mkdir(parents=True)
+    (corrupt / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    for name in ("norm_stats.json", "tokenizer.model"):
+        (corrupt / name).write_bytes((run_dir / name).read_bytes())
+    assert correct_cli.main(["--ckpt", str(corrupt)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    rng = np.random.default_rng(1)
+    other = write_lerobot_dataset(tmp_path / "other", [({
+        "image": rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8),
+        "wrist_image": rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8),
+        "state": rng.normal(size=(5, 3)).astype(np.float32),
+        "actions": rng.normal(size=(5, 7)).astype(np.float32)}, "t")] * 3, fps=10)
+    assert correct_cli.main(["--ckpt", str(run_dir), "--data", str(other), "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match run" in err and "[2]" in err
+    with pytest.raises(CheckpointError):
+        load_run(data)
