@@ -12,7 +12,7 @@ The naive form at B=32 would need far more than this machine's memory, so it is 
 is compared as pairs/s (the naive cost is linear in b²), and side by side at the naive batch.
 Medians of >= 5 runs after a warm-up. Ends with one JSON line.
 
-Usage: python benchmarks/infonce.py [--quick] [--batch 32] [--naive-batch 8] [--chunk 8] [--time-max-batch B]
+Usage: python benchmarks/infonce.py [--quick] [--batch 32] [--naive-batch 4] [--chunk 8] [--time-max-batch B]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from eqx_energy import EnergyConfig, EnergyModel
 from eqx_energy.losses import LOGIT_CLAMP, infonce_inbatch
 
 TAU = 0.5
-FULL = {"batch": 32, "naive_batch": 8, "chunk": 8, "tokens": 816, "context_dim": 2048, "horizon": 50, "hidden": 512}
+FULL = {"batch": 32, "naive_batch": 4, "chunk": 8, "tokens": 816, "context_dim": 2048, "horizon": 50, "hidden": 512}
 QUICK = {"batch": 8, "naive_batch": 4, "chunk": 4, "tokens": 64, "context_dim": 256, "horizon": 10, "hidden": 128}
 ACTION_DIM = 7
 MEMORY_BUDGET_GIB = 24.0
