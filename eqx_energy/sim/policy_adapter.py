@@ -1,0 +1,86 @@
+"""A trained run as `evaluate()`'s batched policy: in process (EnergyPolicy.infer_batch) or over the websocket.
+
+    adapter = SimPolicy(load_run("runs/metaworld_energy"), correction, seed=0)
+    evaluate(adapter, tasks, episodes, act=adapter.act, render_images=True, ...)
+
+In process, noise goes in before correction (DESIGN: sample -> add noise -> correct -> unnormalize ->
+clip -> execute): `adapter.act` draws eps_i ~ N(0, I_(h x a)) from episode i's generator (the same
+draws `noise_after_policy` would make) and adds sigma * eps_i / u to the sampled chunk in the model's
+normalized space, where u = unnormalize(1) - unnormalize(0) per action dim. Unnormalization is affine,
+so without correction the executed chunk is exactly policy + sigma * eps in env units, as for the
+scripted expert; with correction the energy sees the noisy chunk and moves it.
+
+`client_policy_fn(client)` drives a PolicyServer one observation per request (openpi's client loop);
+the server's policy owns correction, and noise can only be added after it (`noise_after_policy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from jaxtyping import Float
+
+from eqx_energy.checkpoints.load_run import LoadedRun
+from eqx_energy.correct import CorrectionConfig
+from eqx_energy.data.transforms import Compose
+from eqx_energy.serve.client import PolicyClient
+from eqx_energy.serve.policy import EnergyPolicy
+from eqx_energy.sim.evaluate import Observation, PolicyFn
+
+
+def env_units_per_normalized(run: LoadedRun) -> Float[np.ndarray, " a"]:
+    """u: how far one normalized unit moves each env action dim, through the run's own output transforms."""
+    model_dim, action_dim = run.cfg.policy.model.action_dim, run.cfg.data.action_dim
+    state = np.zeros(model_dim, np.float32)
+    outputs = Compose(tuple(run.transforms.outputs))
+    ends = [outputs({"state": state, "actions": np.full((1, model_dim), v, np.float32)})["actions"][0, :action_dim]
+            for v in (0.0, 1.0)]
+    return (ends[1] - ends[0]).astype(np.float32)
+
+
+class SimPolicy:
+    """evaluate()'s policy_fn (obs list -> (b, h, a) env-space chunks) with the noise-before-correction `act` hook."""
+
+    policy: EnergyPolicy
+
+    def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0):
+        self.policy = EnergyPolicy(run, correction, seed=seed)
+        self._scale = 1.0 / env_units_per_normalized(run)
+        self._noise: np.ndarray | None = None  # (rows, h, a) normalized noise for the next call, set by act
+
+    def __call__(self, observations: list[Observation]) -> Float[np.ndarray, "b h a"]:
+        noise, self._noise = self._noise, None
+        perturb = None if noise is None else (lambda chunk: _add_rows(chunk, noise))
+        return self.policy.infer_batch(observations, perturb)["actions"]
+
+    def act(self, policy_fn: PolicyFn, observations: list[Observation], sigma: float,
+            rngs: Sequence[np.random.Generator]) -> Float[np.ndarray, "b h a"]:
+        """policy_fn(observations) with sigma * eps_i (env units) added to row i before correction."""
+        if sigma > 0.0:
+            model = self.policy.run.cfg.policy.model
+            shape = (model.action_horizon, self._scale.shape[0])
+            self._noise = np.stack([sigma * rng.standard_normal(shape) * self._scale for rng in rngs]).astype(np.float32)
+        try:
+            return np.asarray(policy_fn(observations), np.float32)
+        finally:
+            self._noise = None
+
+
+def _add_rows(chunk: Float[np.ndarray, "b h a"], noise: Float[np.ndarray, "r h a"]) -> Float[np.ndarray, "b h a"]:
+    """chunk with noise added to its first r rows (the rest are evaluate()'s padding rows)."""
+    if noise.shape[0] > chunk.shape[0] or noise.shape[1:] != chunk.shape[1:]:
+        raise ValueError(f"noise for {noise.shape} does not fit the sampled chunk {chunk.shape}; the run's "
+                         "action_horizon and data.action_dim must match the chunk")
+    out = np.array(chunk, np.float32)
+    out[: noise.shape[0]] += noise
+    return out
+
+
+def client_policy_fn(client: PolicyClient) -> PolicyFn:
+    """evaluate()'s policy_fn over a websocket: one `client.infer(obs)` per observation, chunks stacked."""
+
+    def policy_fn(observations: list[Observation]) -> Float[np.ndarray, "b h a"]:
+        return np.stack([np.asarray(client.infer(obs)["actions"], np.float32) for obs in observations])
+
+    return policy_fn
