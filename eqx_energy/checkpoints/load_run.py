@@ -23,10 +23,10 @@ import jax
 
 from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, abstract
 from eqx_energy.data.norm_stats import NormStats, load_norm_stats
-from eqx_energy.data.transforms import Group, LiberoInputs, policy_transforms
+from eqx_energy.data.transforms import Group
 from eqx_energy.policy.tokenizer import PaligemmaTokenizer
 from eqx_energy.train.config import TrainConfig, load_config
-from eqx_energy.train.loop import NORM_STATS_FILE, TOKENIZER_FILE, build_model
+from eqx_energy.train.loop import NORM_STATS_FILE, TOKENIZER_FILE, build_model, run_transforms
 from eqx_energy.train.model import RunModel, cast_frozen, trainable_spec
 from eqx_energy.train.optim import group_labels, make_optimizer
 
@@ -55,21 +55,6 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, int | None]:
     raise CheckpointError(
         f"--ckpt {path} is neither a run dir (no {CONFIG_FILE}) nor a run's checkpoints/<step> dir; "
         "pass the directory train.py wrote (--run-dir), or one of its checkpoints/<step> subdirectories"
-    )
-
-
-def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[str, NormStats]) -> Group:
-    """The run's transform chain (the same arguments training used in `build_inputs`)."""
-    return policy_transforms(
-        norm_stats=stats,
-        tokenizer=tokenizer,
-        action_dim=cfg.data.action_dim,
-        pi05=cfg.policy.model.pi05,
-        delta_dims=cfg.data.delta_dims,
-        image_size=cfg.policy.model.image_resolution,
-        model_action_dim=cfg.policy.model.action_dim,
-        discrete_state=cfg.data.discrete_state,
-        keys=LiberoInputs(base_key=cfg.data.image_key, wrist_key=cfg.data.wrist_key, state_key=cfg.data.state_key),
     )
 
 

@@ -21,7 +21,7 @@ from eqx_energy.checkpoints.run import RunCheckpoints, abstract
 from eqx_energy.data.norm_stats import NormStats, compute_norm_stats, load_norm_stats, save_norm_stats
 from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.data.source import LeRobotSource, holdout_episodes
-from eqx_energy.data.transforms import Compose, DeltaActions, LiberoInputs, make_bool_mask, policy_transforms
+from eqx_energy.data.transforms import Compose, DeltaActions, Group, LiberoInputs, make_bool_mask, policy_transforms
 from eqx_energy.energy import EnergyModel
 from eqx_energy.policy.pi0 import Pi0, init_pi0
 from eqx_energy.policy.tokenizer import PaligemmaTokenizer, train_sentencepiece
@@ -104,7 +104,13 @@ def build_inputs(cfg: TrainConfig, run_dir: Path, *, split: str = "train"):
     )
     tokenizer = _tokenizer(cfg, source, run_dir)
     stats = _norm_stats(cfg, source, run_dir)
-    transforms = policy_transforms(
+    transforms = run_transforms(cfg, tokenizer, stats)
+    return source, transforms, tokenizer, stats
+
+
+def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[str, NormStats]) -> Group:
+    """The run's transform chain: openpi's LIBERO inputs/outputs with the run's keys and sizes."""
+    return policy_transforms(
         norm_stats=stats,
         tokenizer=tokenizer,
         action_dim=cfg.data.action_dim,
@@ -115,7 +121,6 @@ def build_inputs(cfg: TrainConfig, run_dir: Path, *, split: str = "train"):
         discrete_state=cfg.data.discrete_state,
         keys=LiberoInputs(base_key=cfg.data.image_key, wrist_key=cfg.data.wrist_key, state_key=cfg.data.state_key),
     )
-    return source, transforms, tokenizer, stats
 
 
 def model_inputs(example: dict[str, Any]) -> dict[str, Any]:
