@@ -53,3 +53,12 @@ def test_bad_observation_is_reported_to_the_client(run):
             client.infer({"state": np.zeros(3, np.float32)})
         with PolicyClient("127.0.0.1", port) as client:  # the server keeps serving
             assert client.infer(_obs(1))["actions"].shape == (4, 2)
+
+
+def test_openpi_client_keys_are_accepted(run):
+    """openpi's LIBERO client sends observation/<key>: same actions as the dataset keys."""
+    obs = _obs(3)
+    openpi_obs = {("prompt" if k == "prompt" else f"observation/{k}"): v for k, v in obs.items()}
+    plain = EnergyPolicy(run, CorrectionConfig(steps=0), seed=0).infer(obs)
+    prefixed = EnergyPolicy(run, CorrectionConfig(steps=0), seed=0).infer(openpi_obs)
+    np.testing.assert_array_equal(plain["actions"], prefixed["actions"])

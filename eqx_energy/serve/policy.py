@@ -7,6 +7,9 @@
 `perturb` is the closed-loop noise hook: it sees the sampled chunk in the model's normalized space,
 (b, h, action_dim), and returns it perturbed, before correction (DESIGN: sample -> noise -> correct).
 `infer_batch` serves many observations in one policy call (closed-loop evaluation).
+openpi's LIBERO client sends `observation/image`, `observation/wrist_image`, `observation/state`
+(its repack step's names): the `observation/` prefix is dropped on the way in, so that client
+works unchanged against a run trained on the LeRobot LIBERO keys.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from eqx_energy.policy.pi0 import Observation
 
 Perturb = Callable[[np.ndarray], np.ndarray]
 _MODEL_KEYS = ("image", "image_mask", "state", "tokenized_prompt", "tokenized_prompt_mask")
+_OPENPI_PREFIX = "observation/"
+
+
+def _dataset_keys(obs: dict) -> dict:
+    """openpi client keys (`observation/image`) -> the run's dataset keys (`image`)."""
+    return {k.removeprefix(_OPENPI_PREFIX): v for k, v in obs.items()}
 
 
 class EnergyPolicy:
@@ -58,7 +67,7 @@ class EnergyPolicy:
 
     def infer(self, obs: dict) -> dict:
         """One observation -> {"actions": (h, action_dim) float32 in env units, "policy_timing"}."""
-        reply = self.infer_batch([obs])
+        reply = self.infer_batch([_dataset_keys(obs) if isinstance(obs, dict) else obs])
         return {"actions": reply["actions"][0], "policy_timing": reply["policy_timing"]}
 
     def infer_batch(self, observations: list[dict], perturb: Perturb | None = None) -> dict[str, Any]:
