@@ -104,7 +104,8 @@ def real_shape_flops(batch_size: int) -> dict:
     mask = jax.ShapeDtypeStruct((batch_size, s), jnp.bool_)
 
     def energy_loss(p, c, a, m):
-        return jax.value_and_grad(lambda p: infonce_inbatch(eqx.combine(p, e_static), c, a, m, tau=0.5, chunk=8)[0])(p)
+        # unchunked: XLA's cost analysis counts a lax.map body once, so chunking would hide FLOPs
+        return jax.value_and_grad(lambda p: infonce_inbatch(eqx.combine(p, e_static), c, a, m, tau=0.5)[0])(p)
 
     _, head = compiled_stats(jax.jit(energy_loss), e_params, context, actions, mask)
     return {
