@@ -1,0 +1,108 @@
+"""train.py: every config in configs/ parses; user errors exit non-zero with one clear line on
+stderr (no traceback); --restart refuses a run with checkpoints; the demo config trains and resumes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train_loop import read_metrics, write_tiny_dataset
+
+import train
+from eqx_energy.checkpoints.run import RunCheckpoints
+from eqx_energy.train.config import CONFIG_DIR, TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_lerobot"))
+
+
+def test_configs_dir_is_the_repos():
+    assert Path(CONFIG_DIR).resolve() == ROOT / "configs" and CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses(path):
+    cfg = load_config(TrainConfig, path)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.energy.action_dim == cfg.data.action_dim
+    assert cfg.energy.context_dim == cfg.policy.model.prefix_width
+    assert load_config(TrainConfig, path.stem) == cfg  # a bare name resolves in configs/
+
+
+def fails(capsys, argv):
+    """Run train.main(argv); return its one stderr line (asserting exit 2 and no traceback)."""
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_key(capsys, tmp_path):
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path), "--set", "train.stepz=3"])
+    assert "train.stepz" in line and "steps" in line
+
+
+def test_wrong_type(capsys, tmp_path):
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path), "--set", "train.steps=many"])
+    assert "train.steps" in line and "int" in line
+
+
+def test_unknown_config_name(capsys, tmp_path):
+    line = fails(capsys, ["--config", "dmeo", "--run-dir", str(tmp_path)])
+    assert "demo" in line
+
+
+def test_missing_dataset(capsys, tmp_path):
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path / "run"),
+                          "--set", f"data.root={tmp_path / 'nowhere'}"])
+    assert "data.root" in line and "nowhere" in line
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_missing_checkpoint(capsys, tmp_path, dataset):
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path / "run"),
+                          "--set", f"data.root={dataset}", "--set", f"policy.checkpoint={tmp_path / 'params'}"])
+    assert "policy.checkpoint" in line and "params" in line
+
+
+def test_restart_refuses_run_with_checkpoints(capsys, tmp_path, dataset):
+    with RunCheckpoints(tmp_path, async_save=False) as checkpoints:
+        checkpoints.save(3, params={"w": np.zeros(2, np.float32)}, opt_state={"n": np.zeros((), np.int32)},
+                         skipped=0, config={})
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path), "--set", f"data.root={dataset}",
+                          "--restart"])
+    assert "--restart" in line and "step 3" in line
+
+
+def test_subprocess_error_is_one_line(tmp_path):
+    """The real entry point: exit status 2 and a single stderr line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "demo", "--run-dir", str(tmp_path), "--set", "optim.energy_lr=fast"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.energy_lr" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_trains_then_resumes(tmp_path, dataset, capsys):
+    """demo.yaml at a reduced step count on the tiny dataset: 2 steps, then the same command with
+    steps=4 resumes from the step-2 checkpoint and finishes."""
+    common = ["--config", "demo", "--run-dir", str(tmp_path), "--no-progress", "--set", f"data.root={dataset}",
+              "--set", "optim.warmup_steps=1", "--set", "train.log_interval=1", "--set", "train.checkpoint_interval=2",
+              "--set", "data.batch_size=8"]
+    assert train.main([*common, "--set", "train.steps=2"]) == 0
+    assert RunCheckpoints(tmp_path).latest_step == 2
+    assert train.main([*common, "--set", "train.steps=4"]) == 0
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in records)
+    assert RunCheckpoints(tmp_path).latest_step == 4
+    assert "run saved in" in capsys.readouterr().out

@@ -1,0 +1,119 @@
+"""The training program on a tiny LeRobot dataset: exact resume
+(interrupted vs uninterrupted, metrics.jsonl compared value for value) and the run dir's contents.
+The step itself (modes, NaN skip, sharding) is tested in test_train_step.py."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eqx_energy.energy import EnergyConfig
+from eqx_energy.policy.pi0 import Pi0Config
+from eqx_energy.train import loop
+from eqx_energy.train.config import DataConfig, OptimConfig, PolicyConfig, TrainConfig, TrainLoopConfig
+from eqx_energy.data.writer import write_lerobot_dataset
+
+TASKS = ("pick up the red block", "open the top drawer")
+
+
+def write_tiny_dataset(root: Path, lengths=(12, 10, 11, 9, 12)) -> Path:
+    """A LeRobot dataset with two 32 px cameras, a 5-d state and 4-d actions, two tasks."""
+    rng = np.random.default_rng(0)
+    episodes = []
+    for i, n in enumerate(lengths):
+        frames = {
+            "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            "wrist_image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            "state": rng.normal(size=(n, 5)).astype(np.float32),
+            "actions": rng.normal(size=(n, 4)).astype(np.float32),
+        }
+        episodes.append((frames, TASKS[i % 2]))
+    return write_lerobot_dataset(root, episodes, fps=10)
+
+
+def tiny_config(root: Path, *, mode="energy_only", steps=4, ema=0.9, **train) -> TrainConfig:
+    """Pi0Config.tiny at 32 px with 4-step chunks, a 32-wide energy head, batch 8 (one per fake device)."""
+    return TrainConfig(
+        policy=PolicyConfig(
+            model=Pi0Config.tiny(action_horizon=4, max_token_len=8, image_resolution=32, vocab_size=128),
+            frozen_dtype=None,
+        ),
+        energy=EnergyConfig(context_dim=64, action_dim=4, hidden=32, num_heads=4, dropout=0.1,
+                            output="softplus", max_horizon=4),
+        data=DataConfig(root=str(root), action_dim=4, holdout_fraction=0.2, batch_size=8),
+        optim=OptimConfig(energy_lr=1e-3, policy_lr=1e-3, warmup_steps=1, ema_decay=ema),
+        train=TrainLoopConfig(mode=mode, steps=steps, log_interval=1, checkpoint_interval=2,
+                              keep_checkpoints=5, **train),
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict]:
+    """step -> that step's logged values (the last record wins, as a resumed run re-logs nothing)."""
+    out = {}
+    for record in read_metrics(run_dir):
+        out[record["step"]] = {k: v for k, v in record.items() if not k.startswith(("time", "steps_per", "data_wait"))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_lerobot"))
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory):
+    """The uninterrupted reference: 4 steps, checkpoints at 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("full")
+    loop.run(tiny_config(dataset), run_dir, progress=False)
+    return run_dir
+
+
+def test_run_dir_contents(full_run):
+    names = {p.name for p in full_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "norm_stats.json", "holdout_episodes.json", "tokenizer.model"} <= names
+    assert json.loads((full_run / "holdout_episodes.json").read_text()) != []  # 20% of 5 episodes held out
+    records = read_metrics(full_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for k in ("loss", "energy/loss", "energy/accuracy", "grad_norm", "lr/energy", "skipped_steps"):
+            assert np.isfinite(r[k]), k
+        assert r["skipped_steps"] == 0
+
+
+def test_resume_reproduces_uninterrupted_losses(dataset, full_run, tmp_path):
+    """Run to step 2 (a checkpoint), stop, rerun the same config: it resumes and logs steps 3-4
+    with exactly the uninterrupted run's values (params, optimizer, EMA, data iterator, keys)."""
+    cfg = tiny_config(dataset)
+    interrupted_to_step(cfg, tmp_path, stop_after=2)
+    loop.run(cfg, tmp_path, progress=False)
+    full, resumed = losses_by_step(full_run), losses_by_step(tmp_path)
+    assert set(resumed) == {1, 2, 3, 4}
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == full[step], step
+
+
+def interrupted_to_step(cfg: TrainConfig, run_dir: Path, *, stop_after: int) -> None:
+    """Run `cfg` but stop (as if killed) right after the checkpoint of step `stop_after` is written."""
+
+    class Killed(Exception):
+        pass
+
+    original = loop.RunCheckpoints.save
+
+    def save_then_die(self, step, **kwargs):
+        original(self, step, **kwargs)
+        if step == stop_after:
+            self.wait()
+            raise Killed
+
+    loop.RunCheckpoints.save = save_then_die
+    try:
+        with pytest.raises(Killed):
+            loop.run(cfg, run_dir, progress=False)
+    finally:
+        loop.RunCheckpoints.save = original
