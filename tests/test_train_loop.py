@@ -85,6 +85,7 @@ def test_run_dir_contents(full_run):
         assert r["skipped_steps"] == 0
 
 
+@pytest.mark.slow  # two more compiles of the step
 def test_resume_reproduces_uninterrupted_losses(dataset, full_run, tmp_path):
     """Run to step 2 (a checkpoint), stop, rerun the same config: it resumes and logs steps 3-4
     with exactly the uninterrupted run's values (params, optimizer, EMA, data iterator, keys)."""
