@@ -41,7 +41,8 @@ class TrainState(eqx.Module):
 
 
 def init_state(trainable: PyTree, optimizer: Optimizer, *, ema: bool) -> TrainState:
-    params = eqx.filter(trainable, eqx.is_inexact_array)
+    """Fresh state; its params are copies, so donating the state never deletes the model's arrays."""
+    params = jax.tree.map(jnp.copy, eqx.filter(trainable, eqx.is_inexact_array))
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -121,7 +122,7 @@ def make_train_step(
         )
         metrics = {
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "skipped_steps": update.skipped,
             **{f"lr/{group}": lr for group, lr in optimizer.learning_rates(state.opt_state).items()},
         }
