@@ -24,3 +24,11 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run dir, dataset dir) of a tiny Pi0 + energy trained 2 joint steps (tests/tiny_run.py)."""
+    from tiny_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))

@@ -11,40 +11,12 @@ from eqx_energy.checkpoints.load_run import load_run
 from eqx_energy.checkpoints.run import CheckpointError
 from eqx_energy.data.writer import write_lerobot_dataset
 from eqx_energy.offline_eval import roc_auc
-from eqx_energy.train.config import TrainConfig, from_dict
-from eqx_energy.train.loop import run as train_run
 
 pytestmark = pytest.mark.slow  # trains a tiny run (compiles the train step, sampling and correction): minutes on 2 cores
 
-TASKS = ("pick up the red block", "push the blue button", "open the top drawer", "close the left window")
-
-
-def make_tiny_run(tmp) -> tuple:
-    """(run dir, dataset dir): 6 episodes of 2-dim actions, a tiny Pi0 + energy trained 2 steps (joint, EMA)."""
-    rng = np.random.default_rng(0)
-    episodes = [({"image": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-                  "wrist_image": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-                  "state": rng.normal(size=(n, 3)).astype(np.float32),
-                  "actions": rng.normal(size=(n, 2)).astype(np.float32)}, TASKS[i % len(TASKS)])
-                for i, n in enumerate((7, 9, 8, 6, 10, 7))]
-    data = write_lerobot_dataset(tmp / "data", episodes, fps=10)
-    cfg = from_dict(TrainConfig, {
-        "policy": {"model": {"paligemma_variant": "tiny", "action_expert_variant": "tiny_expert",
-                             "siglip_variant": "tiny", "action_horizon": 4, "max_token_len": 8,
-                             "image_resolution": 16, "vocab_size": 48, "dtype": "float32", "action_dim": 8},
-                   "frozen_dtype": None, "sample_steps": 2},
-        "energy": {"context_dim": 64, "action_dim": 2, "hidden": 16, "num_heads": 2, "output": "softplus",
-                   "max_horizon": 4},
-        "data": {"root": str(data), "action_dim": 2, "holdout_fraction": 0.34, "batch_size": 8},
-        "optim": {"warmup_steps": 1, "ema_decay": 0.9},
-        "train": {"mode": "joint", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
-    })
-    return train_run(cfg, tmp / "run", progress=False), data
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("correct"))
+def tiny(tiny_run):
+    return tiny_run
 
 
 def test_roc_auc_against_pair_counting():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from test_correct_cli import make_tiny_run
 
 from eqx_energy.checkpoints.load_run import load_run
 from eqx_energy.correct import CorrectionConfig
@@ -15,8 +14,8 @@ pytestmark = pytest.mark.slow  # trains a tiny run first
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir, _ = make_tiny_run(tmp_path_factory.mktemp("serve"))
+def run(tiny_run):
+    run_dir, _ = tiny_run
     return load_run(run_dir)
 
 
