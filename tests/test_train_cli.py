@@ -74,7 +74,7 @@ def test_missing_checkpoint(capsys, tmp_path, dataset):
 def test_restart_refuses_run_with_checkpoints(capsys, tmp_path, dataset):
     with RunCheckpoints(tmp_path, async_save=False) as checkpoints:
         checkpoints.save(3, params={"w": np.zeros(2, np.float32)}, opt_state={"n": np.zeros((), np.int32)},
-                         skipped=0, config={})
+                         skipped=0, config={"run": "earlier"})
     line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path), "--set", f"data.root={dataset}",
                           "--restart"])
     assert "--restart" in line and "step 3" in line

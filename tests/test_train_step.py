@@ -196,7 +196,8 @@ def test_sharded_step_equals_single_device(setup):
             loss, params = two_steps(mesh)
             np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
             for a, b in zip(params, ref_params, strict=True):
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b), initial=1e-3)))
+                # f32 reductions split over devices sum in another order: 1e-4 of the leaf's scale
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b), initial=1e-3)))
 
 
 def test_parameter_layout_follows_mesh_rules(setup):
