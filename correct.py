@@ -3,12 +3,16 @@
     python correct.py [eval] --ckpt RUN[/checkpoints/STEP] [--data DIR] [--frames 64]
                              [--alpha-sweep 0.01,0.03,0.1,0.3 --steps 1,3,5] [--out DIR]
     python correct.py serve  --ckpt RUN [--port 8000] [--steps 3 --alpha 0.1 | --no-correction]
-    python correct.py eval-sim --ckpt RUN ...   (closed loop in Meta-World: eqx_energy.sim.evaluate)
+    python correct.py eval-sim --ckpt RUN [--tasks reach-v3,...] [--episodes 100] [--seed 100]
+                               [--sigmas 0,0.3,0.5] [--steps 3 --alpha 0.03,0.1] [--out DIR]
+    python correct.py eval-sim --server HOST:PORT ...   (the same episodes through `serve`)
 
 eval: ranking of expert vs perturbed chunks, correction of perturbed expert chunks and of the
 policy's own samples on held-out frames (eqx_energy.offline_eval); prints a table, writes
 report.json, sweep.png and energy_hist.png to --out (default RUN/correct_eval).
 serve: a websocket server speaking openpi's protocol (eqx_energy.serve).
+eval-sim: closed-loop Meta-World success rates (eqx_energy.sim.evaluate) of the uncorrected policy and
+each correction setting, gaussian noise added before correction; results.json/.md and success.png.
 """
 
 import argparse
@@ -98,9 +102,76 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _eval_sim(argv: list[str]) -> int:
-    # Plug-in point for the closed-loop evaluator (eqx_energy/sim/evaluate.py): it takes the remaining
-    # arguments, loads the run with eqx_energy.checkpoints.load_run and drives EnergyPolicy.infer_batch.
-    raise ValueError("eval-sim is not wired into correct.py yet; run the closed-loop evaluator from eqx_energy.sim")
+    """Closed loop in Meta-World (eqx_energy.sim): every sigma x {off, each steps x alpha} on the same seeded episodes."""
+    from eqx_energy.offline_eval import parse_list
+
+    p = argparse.ArgumentParser(prog="correct.py eval-sim", description=_eval_sim.__doc__)
+    p.add_argument("--ckpt", help="run dir (latest step) or RUN/checkpoints/STEP (not with --server)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw trained params, not their EMA")
+    p.add_argument("--tasks", default="reach-v3,button-press-v3,drawer-open-v3", help="Meta-World v3 task names")
+    p.add_argument("--episodes", type=int, default=100, help="episodes per task and setting")
+    p.add_argument("--seed", type=int, default=100, help="episode seed (the training data used MT1 seed 0)")
+    p.add_argument("--sigmas", default="0", help="comma-separated gaussian action noise (env units), added before correction")
+    p.add_argument("--steps", help="comma-separated correction steps (default: the run's); 0 = off")
+    p.add_argument("--alpha", help="comma-separated correction step sizes (default: the run's)")
+    p.add_argument("--clip-frac", type=float)
+    p.add_argument("--first-only", action="store_true")
+    p.add_argument("--no-baseline", action="store_true", help="skip the uncorrected policy")
+    p.add_argument("--replan-every", type=int, default=5)
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--batch-envs", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=64, help="rendered camera size (the dataset's)")
+    p.add_argument("--policy-seed", type=int, default=0, help="the policy's sampling key")
+    p.add_argument("--server", help="HOST:PORT of `correct.py serve`: drive the served policy (its own correction; noise after it)")
+    p.add_argument("--out", help="output dir (default: RUN/eval_sim)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if (args.ckpt is None) == (args.server is None):
+        raise ValueError(f"eval-sim needs exactly one of --ckpt (in process) or --server HOST:PORT; "
+                         f"got --ckpt={args.ckpt}, --server={args.server}")
+    import time
+
+    from eqx_energy.checkpoints.load_run import load_run
+    from eqx_energy.serve.client import PolicyClient
+    from eqx_energy.serve.policy import correction_from
+    from eqx_energy.sim.evaluate import evaluate
+    from eqx_energy.sim.policy_adapter import SimPolicy, client_policy_fn
+    from eqx_energy.sim.report import markdown_table, write_report
+
+    tasks, sigmas = args.tasks.split(","), parse_list(args.sigmas, float, "--sigmas")
+    common = dict(seed=args.seed, replan_every=args.replan_every, max_steps=args.max_steps, batch_envs=args.batch_envs,
+                  image_size=args.image_size, render_images=True, progress=not args.no_progress)
+    runs = {}
+    if args.server:
+        host, _, port = args.server.rpartition(":")
+        with PolicyClient(host, int(port), wait_s=60) as client:
+            for sigma in sigmas:
+                runs[f"served sigma={sigma:g}"] = evaluate(client_policy_fn(client), tasks, args.episodes,
+                                                            noise_sigma=sigma, **common)
+        out = Path(args.out or "eval_sim_served")
+    else:
+        run = load_run(args.ckpt, use_ema=not args.no_ema)
+        steps = parse_list(args.steps, int, "--steps") if args.steps else [run.cfg.correction.steps]
+        alphas = parse_list(args.alpha, float, "--alpha") if args.alpha else [float(run.cfg.correction.alpha)]
+        settings = [] if args.no_baseline else [("off", 0, None)]
+        settings += [(f"k={k} alpha={a:g}", k, a) for k in steps if k > 0 for a in alphas]
+        for sigma in sigmas:
+            for name, k, alpha in settings:
+                correction = correction_from(run, steps=k, alpha=alpha, clip_frac=args.clip_frac,
+                                             first_only=True if args.first_only else None)
+                adapter = SimPolicy(run, correction, seed=args.policy_seed)
+                start = time.perf_counter()
+                runs[f"{name} sigma={sigma:g}"] = result = evaluate(adapter, tasks, args.episodes, noise_sigma=sigma,
+                                                                    act=adapter.act, **common)
+                result.settings.update(correction=adapter.policy.metadata["correction"], run=str(run.run_dir),
+                                       step=run.step, wall_s=time.perf_counter() - start)
+                print(f"{name} sigma={sigma:g}: " + ", ".join(f"{r.task} {r.success_rate:.2f}" for r in result.tasks),
+                      flush=True)
+        out = Path(args.out) if args.out else run.run_dir / "eval_sim"
+    paths = write_report(runs, out)
+    print(markdown_table(runs))
+    print("wrote " + ", ".join(str(v) for v in paths.values()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
