@@ -37,14 +37,22 @@ def batch(key):
     return synthetic_batch(key, 8, valid_tokens=6)
 
 
-@pytest.mark.parametrize("chunk", [None, 2, 4])
-def test_factored_equals_naive_loss_and_grads(key, batch, chunk):
+@pytest.fixture(scope="module")
+def naive_reference():
+    """The oracle, computed once: model, batch, naive loss and gradients."""
+    key = jax.random.key(0)
     model = EnergyModel(CFG, key=key)
-    context, actions, mask = batch
-    loss_fn = lambda m: infonce_inbatch(m, context, actions, mask, tau=0.5, chunk=chunk)[0]  # noqa: E731
+    context, actions, mask = synthetic_batch(key, 8, valid_tokens=6)
     naive_fn = lambda m: naive_infonce(m, context, actions, mask, 0.5)  # noqa: E731
+    loss, grads = eqx.filter_value_and_grad(naive_fn)(model)
+    return model, (context, actions, mask), loss, grads
+
+
+@pytest.mark.parametrize("chunk", [None, 2, 4])
+def test_factored_equals_naive_loss_and_grads(naive_reference, chunk):
+    model, (context, actions, mask), ref, ref_grads = naive_reference
+    loss_fn = lambda m: infonce_inbatch(m, context, actions, mask, tau=0.5, chunk=chunk)[0]  # noqa: E731
     loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-    ref, ref_grads = eqx.filter_value_and_grad(naive_fn)(model)
     np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
