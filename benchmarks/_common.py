@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 MIN_REPEATS = 5
 
@@ -80,6 +82,17 @@ def compiled_stats(jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]
         "argument_bytes": float(memory.argument_size_in_bytes),
         "flops": float(cost.get("flops", 0.0)),
     }
+
+
+def energy_batch(shape: dict, batch: int, *, action_dim: int, seed: int = 0):
+    """Random f32 context (b s c) with a valid prefix of 3/4..all tokens, and actions (b h action_dim)."""
+    rng = np.random.default_rng(seed)
+    tokens = shape["tokens"]
+    context = rng.standard_normal((batch, tokens, shape["context_dim"]), np.float32)
+    lengths = rng.integers(3 * tokens // 4, tokens + 1, batch)
+    mask = np.arange(tokens)[None, :] < lengths[:, None]
+    actions = rng.standard_normal((batch, shape["horizon"], action_dim), np.float32)
+    return jnp.asarray(context), jnp.asarray(actions), jnp.asarray(mask)
 
 
 def shapes_of(tree):

@@ -19,9 +19,8 @@ import argparse
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from _common import emit, machine, time_interleaved
+from _common import energy_batch, emit, machine, time_interleaved
 from eqx_energy import CorrectionConfig, EnergyConfig, EnergyModel
 from eqx_energy.correct import correct
 
@@ -56,17 +55,6 @@ def naive_correct(model, context, actions, context_mask, config):
     return actions.at[..., :ACTION_DIM].set(moving), forward(model, context, moving, context_mask)
 
 
-def make_batch(shape: dict, batch: int, seed: int = 0):
-    """Random f32 context (b s c) with a valid prefix of 3/4..all tokens, padded actions (b h p)."""
-    rng = np.random.default_rng(seed)
-    tokens = shape["tokens"]
-    context = rng.standard_normal((batch, tokens, shape["context_dim"]), np.float32)
-    lengths = rng.integers(3 * tokens // 4, tokens + 1, batch)
-    mask = np.arange(tokens)[None, :] < lengths[:, None]
-    actions = rng.standard_normal((batch, shape["horizon"], PADDED_DIM), np.float32)
-    return jnp.asarray(context), jnp.asarray(actions), jnp.asarray(mask)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape (seconds)")
@@ -80,7 +68,7 @@ def main():
 
     results, max_diff = {}, 0.0
     for batch in args.batches:
-        context, actions, mask = make_batch(shape, batch, seed=batch)
+        context, actions, mask = energy_batch(shape, batch, seed=batch, action_dim=PADDED_DIM)
         fns = {"forward_s": lambda: forward(model, context, actions[..., :ACTION_DIM], mask)}
         for k in args.steps:
             cfg = CorrectionConfig(steps=k)

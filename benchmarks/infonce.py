@@ -23,10 +23,9 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from _common import compiled_stats, emit, gib, machine, shapes_of, time_call
+from _common import energy_batch, compiled_stats, emit, gib, machine, shapes_of, time_call
 from eqx_energy import EnergyConfig, EnergyModel
 from eqx_energy.losses import LOGIT_CLAMP, infonce_inbatch
 
@@ -62,17 +61,6 @@ def value_and_grad(loss, static):
         return loss(eqx.combine(params, static), context, actions, context_mask)
 
     return jax.jit(jax.value_and_grad(of_params))
-
-
-def make_batch(shape: dict, batch: int, seed: int = 0):
-    """Random f32 context (b s c) with a valid prefix of 3/4..all tokens, and actions (b h a)."""
-    rng = np.random.default_rng(seed)
-    tokens = shape["tokens"]
-    context = rng.standard_normal((batch, tokens, shape["context_dim"]), np.float32)
-    lengths = rng.integers(3 * tokens // 4, tokens + 1, batch)
-    mask = np.arange(tokens)[None, :] < lengths[:, None]
-    actions = rng.standard_normal((batch, shape["horizon"], ACTION_DIM), np.float32)
-    return jnp.asarray(context), jnp.asarray(actions), jnp.asarray(mask)
 
 
 def check_equal(functions: dict, params, batch) -> float:
@@ -122,8 +110,8 @@ def main():
         functions[f"factored_chunk{chunk}"] = value_and_grad(factored_infonce(chunk), static)
     functions["naive"] = value_and_grad(naive_infonce, static)
 
-    small = make_batch(shape, naive_batch)
-    big = make_batch(shape, batch, seed=1)
+    small = energy_batch(shape, naive_batch, action_dim=ACTION_DIM)
+    big = energy_batch(shape, batch, seed=1, action_dim=ACTION_DIM)
     max_rel_diff = check_equal(functions, params, small)
 
     memory, timing = {}, {}
