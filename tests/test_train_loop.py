@@ -3,6 +3,10 @@
 The step itself (modes, NaN skip, sharding) is tested in test_train_step.py."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,8 @@ import pytest
 from eqx_energy.energy import EnergyConfig
 from eqx_energy.policy.pi0 import Pi0Config
 from eqx_energy.train import loop
-from eqx_energy.train.config import DataConfig, OptimConfig, PolicyConfig, TrainConfig, TrainLoopConfig
+from eqx_energy.checkpoints.run import latest_step
+from eqx_energy.train.config import DataConfig, OptimConfig, PolicyConfig, TrainConfig, TrainLoopConfig, write_config
 from eqx_energy.data.writer import write_lerobot_dataset
 
 TASKS = ("pick up the red block", "open the top drawer")
@@ -118,3 +123,34 @@ def interrupted_to_step(cfg: TrainConfig, run_dir: Path, *, stop_after: int) -> 
             loop.run(cfg, run_dir, progress=False)
     finally:
         loop.RunCheckpoints.save = original
+
+
+@pytest.mark.slow  # a train.py subprocess (imports + compiles) and the resumed run
+def test_kill_9_then_resume_reproduces_uninterrupted_losses(dataset, full_run, tmp_path):
+    """SIGKILL the real program right after its step-2 checkpoint commits (mid-run: steps 3-4, the
+    step-4 save and the plots are still ahead), rerun: the losses equal the uninterrupted run's."""
+    cfg = tiny_config(dataset)
+    config_path = tmp_path / "config.yaml"
+    write_config(cfg, config_path)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", str(config_path), "--run-dir", str(run_dir), "--no-progress"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while (latest_step(run_dir) or 0) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 10 minutes"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        returncode = proc.wait()
+        proc.stderr.close()
+    assert returncode == -signal.SIGKILL  # killed, not finished
+    assert latest_step(run_dir) == 2
+    loop.run(cfg, run_dir, progress=False)
+    full, resumed = losses_by_step(full_run), losses_by_step(run_dir)
+    assert set(resumed) == {1, 2, 3, 4}
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == full[step], step
