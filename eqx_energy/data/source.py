@@ -16,6 +16,7 @@ import collections
 import io
 import json
 import pathlib
+import threading
 from typing import Any, Literal
 
 import numpy as np
@@ -100,6 +101,9 @@ def _to_numpy(column: pa.ChunkedArray, spec: dict[str, Any]) -> np.ndarray:
     return values.reshape(len(array), spec["shape"][0])
 
 
+_CACHE_LOCK = threading.Lock()  # guards every source's open-episode cache against grain's reader threads
+
+
 class _Episode:
     """One opened episode file: numeric columns in memory, image bytes read per row group on demand."""
 
@@ -118,6 +122,7 @@ class _Episode:
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.group_end = np.cumsum(sizes)
         self._group: tuple[int, dict[str, pa.Array]] | None = None
+        self._lock = threading.Lock()  # grain's reader threads share this open file and its row-group cache
 
     def _read(self, fn):
         try:
@@ -128,11 +133,13 @@ class _Episode:
 
     def image_bytes(self, name: str, row: int) -> bytes:
         group = int(np.searchsorted(self.group_end, row, side="right"))
-        if self._group is None or self._group[0] != group:
-            table = self._read(lambda: self.file.read_row_group(group, columns=self.images))
-            self._group = (group, {k: table[k].combine_chunks().field("bytes") for k in self.images})
+        with self._lock:
+            if self._group is None or self._group[0] != group:
+                table = self._read(lambda: self.file.read_row_group(group, columns=self.images))
+                self._group = (group, {k: table[k].combine_chunks().field("bytes") for k in self.images})
+            columns = self._group[1]
         start = 0 if group == 0 else int(self.group_end[group - 1])
-        return self._group[1][name][row - start].as_py()
+        return columns[name][row - start].as_py()
 
 
 class LeRobotSource:
@@ -194,6 +201,10 @@ class LeRobotSource:
         return {**self.__dict__, "_cache": collections.OrderedDict()}  # open files stay in their process
 
     def _episode(self, position: int) -> _Episode:
+        with _CACHE_LOCK:
+            return self._cached_episode(position)
+
+    def _cached_episode(self, position: int) -> _Episode:
         episode = self._cache.get(position)
         if episode is None:
             index = int(self.episodes[position])
