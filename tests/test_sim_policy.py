@@ -16,6 +16,7 @@ from eqx_energy.train.config import TrainConfig, from_dict
 from eqx_energy.train.loop import run as train_run
 
 pytest.importorskip("metaworld")
+pytestmark = pytest.mark.slow  # trains a tiny run, then closed-loop episodes with rendering
 
 TASKS = ("reach-v3", "button-press-v3")
 HORIZON, SIZE = 4, 16
@@ -107,7 +108,7 @@ def test_closed_loop_in_process_equals_websocket(run):
     adapter = SimPolicy(run, correction, seed=0)
     a = evaluate(_recording(adapter, local), TASKS, 2, batch_envs=1, act=adapter.act, **EPISODE)
     with PolicyServer(EnergyPolicy(run, correction, seed=0), host="127.0.0.1", port=0).running() as port:
-        with PolicyClient("127.0.0.1", port, wait_s=30) as client:
+        with PolicyClient("127.0.0.1", port, wait_s=30.0) as client:
             b = evaluate(_recording(client_policy_fn(client), served), TASKS, 2, batch_envs=1, **EPISODE)
     assert len(local) == len(served) == 2 * 2 * 3  # tasks x episodes x max_steps / replan_every
     for x, y in zip(local, served):
