@@ -35,9 +35,28 @@ def libero_obs(i: int) -> dict:
     }
 
 
-def measure(policy: Policy, *, clients: int, requests: int, seconds: float, warmup: int) -> dict:
+def _run_policies(ckpt: str, steps: int) -> tuple[dict, list[dict]]:
+    """EnergyPolicy of a trained run with correction off / on, and 8 of its held-out frames as requests."""
+    from eqx_energy.checkpoints.load_run import load_run
+    from eqx_energy.correct import CorrectionConfig
+    from eqx_energy.data.source import LeRobotSource
+    from eqx_energy.serve.policy import EnergyPolicy, correction_from
+
+    run = load_run(ckpt)
+    cfg = run.cfg
+    source = LeRobotSource(cfg.data.root, cfg.policy.model.action_horizon, split="holdout",
+                           holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed)
+    keys = [k for k in (cfg.data.image_key, cfg.data.wrist_key, cfg.data.state_key) if k]
+    observations = [{**{k: source[i][k] for k in keys}, "prompt": source[i]["prompt"]} for i in range(8)]
+    policies = {"off": EnergyPolicy(run, CorrectionConfig(steps=0)), "on": EnergyPolicy(run, correction_from(run, steps=steps))}
+    return policies, observations
+
+
+def measure(
+    policy: Policy, *, clients: int, requests: int, seconds: float, warmup: int, observations: list[dict] | None = None
+) -> dict:
     """Serve `policy` on loopback and drive it with `clients` concurrent clients; returns summary stats."""
-    observations = [libero_obs(i) for i in range(8)]
+    observations = observations or [libero_obs(i) for i in range(8)]
     ready = threading.Barrier(clients + 1, timeout=60)
     records: list[list[tuple[float, dict]]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
@@ -97,17 +116,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed requests per client first")
     parser.add_argument("--clients", default="1,2", help="comma-separated client counts")
     parser.add_argument("--correction-steps", type=int, default=3)
+    parser.add_argument("--ckpt", help="serve this trained run (e.g. runs/demo) instead of ToyPolicy; "
+                        "observations are its held-out dataset frames")
     args = parser.parse_args()
 
     key = jax.random.key(0)
-    policies = {
+    policies, observations = _run_policies(args.ckpt, args.correction_steps) if args.ckpt else ({
         "off": ToyPolicy(horizon=10, action_dim=7, width=256, key=key),
         "on": ToyPolicy(horizon=10, action_dim=7, width=256, correction_steps=args.correction_steps, key=key),
-    }
+    }, None)
     results = {}
     for clients in (int(c) for c in args.clients.split(",")):
         for name, policy in policies.items():
-            stats = measure(policy, clients=clients, requests=args.requests, seconds=args.seconds, warmup=args.warmup)
+            stats = measure(policy, clients=clients, requests=args.requests, seconds=args.seconds, warmup=args.warmup,
+                            observations=observations)
             results[f"correction_{name}_clients_{clients}"] = stats
             share = f", correction {stats['correction_share']:.0%} of latency" if "correction_share" in stats else ""
             print(
@@ -117,7 +139,7 @@ def main() -> None:
             )
         on, off = results[f"correction_on_clients_{clients}"], results[f"correction_off_clients_{clients}"]
         print(f"clients {clients}: p50 latency with / without correction = {on['p50_ms'] / off['p50_ms']:.2f}x")
-    print(json.dumps({"benchmark": "serve", "policy": "toy", "correction_steps": args.correction_steps,
+    print(json.dumps({"benchmark": "serve", "policy": args.ckpt or "toy", "correction_steps": args.correction_steps,
                       "device": jax.devices()[0].platform, "results": results}))  # fmt: skip
 
 
