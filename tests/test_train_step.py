@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     root = write_tiny_dataset(tmp_path_factory.mktemp("tiny_lerobot"))
     cfg = tiny_config(root)
     run_dir = tmp_path_factory.mktemp("run")
-    source, transforms, _, _ = loop.build_inputs(cfg, run_dir)
+    source, transforms, _ = loop.build_inputs(cfg, run_dir)
     pipeline = make_pipeline(source, loop.Compose((*transforms.inputs, loop.model_inputs)),
                              batch_size=cfg.data.batch_size, seed=0)
     it = iter(pipeline)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from eqx_energy.checkpoints.openpi import load_openpi_params
-from eqx_energy.checkpoints.run import RunCheckpoints, abstract
+from eqx_energy.checkpoints.run import RunCheckpoints, abstract, latest_step
 from eqx_energy.data.norm_stats import NormStats, compute_norm_stats, load_norm_stats, save_norm_stats
 from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.data.source import LeRobotSource, holdout_episodes
@@ -76,8 +76,9 @@ def _tokenizer(cfg: TrainConfig, source: LeRobotSource, run_dir: Path) -> Palige
     return PaligemmaTokenizer(path, max_len=cfg.policy.model.max_token_len)
 
 
-def _norm_stats(cfg: TrainConfig, source: LeRobotSource, run_dir: Path) -> dict[str, NormStats]:
-    """Configured stats, else the run's own, else computed over the training split (after delta actions)."""
+def _norm_stats(cfg: TrainConfig, run_dir: Path) -> dict[str, NormStats]:
+    """Configured stats, else the run's own, else computed over the training split (after delta actions;
+    read without images, which the stats never use)."""
     if cfg.data.norm_stats:
         return load_norm_stats(cfg.data.norm_stats)
     path = run_dir / NORM_STATS_FILE
@@ -97,15 +98,13 @@ def _norm_stats(cfg: TrainConfig, source: LeRobotSource, run_dir: Path) -> dict[
 
 
 def build_inputs(cfg: TrainConfig, run_dir: Path, *, split: str = "train"):
-    """(source, transforms Group, tokenizer, norm stats) of the run's dataset split."""
+    """(source, transforms Group, norm stats) of the run's dataset split."""
     source = LeRobotSource(
         cfg.data.root, cfg.policy.model.action_horizon, split=split,
         holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed,
     )
-    tokenizer = _tokenizer(cfg, source, run_dir)
-    stats = _norm_stats(cfg, source, run_dir)
-    transforms = run_transforms(cfg, tokenizer, stats)
-    return source, transforms, tokenizer, stats
+    stats = _norm_stats(cfg, run_dir)
+    return source, run_transforms(cfg, _tokenizer(cfg, source, run_dir), stats), stats
 
 
 def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[str, NormStats]) -> Group:
@@ -142,17 +141,17 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, restart: bool = False, progres
     """Train; returns the run dir. Resumes from the run dir's latest checkpoint unless `restart`."""
     run_dir = Path(run_dir)
     check_paths(cfg)
-    checkpoints = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    if checkpoints.latest_step is not None and restart:
+    if restart and (existing := latest_step(run_dir)) is not None:  # checked before anything is created
         raise ConfigError(
-            f"--restart given but {run_dir} already has checkpoints (latest step {checkpoints.latest_step}); "
+            f"--restart given but {run_dir} already has checkpoints (latest step {existing}); "
             "choose a new --run-dir, or drop --restart to resume"
         )
+    checkpoints = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir / "config.yaml")
     model_key, train_key = jax.random.split(jax.random.key(cfg.train.seed))
 
-    source, transforms, _, stats = build_inputs(cfg, run_dir)
+    source, transforms, stats = build_inputs(cfg, run_dir)
     holdout = holdout_episodes(source.info["total_episodes"], cfg.data.holdout_fraction, cfg.data.holdout_seed)
     (run_dir / HOLDOUT_FILE).write_text(json.dumps([int(e) for e in holdout]))
     pipeline = make_pipeline(

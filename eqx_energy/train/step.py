@@ -88,7 +88,7 @@ def _loss(trainable, frozen, batch, key, *, mode: Mode, loss_cfg: LossConfig, gr
             context = jax.lax.stop_gradient(context)
     energy_actions = actions[..., : model.energy.action_dim]
     energy_loss, metrics = energy_loss_fn(loss_cfg)(model.energy, context, energy_actions, mask, energy_key)
-    metrics = {**{f"energy/{k}": v for k, v in metrics.items()}}
+    metrics = {f"energy/{k}": v for k, v in metrics.items()}
     if mode == "energy_only":
         total = energy_loss
     else:
