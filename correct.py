@@ -120,7 +120,8 @@ def _eval_sim(argv: list[str]) -> int:
     p.add_argument("--replan-every", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--batch-envs", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=64, help="rendered camera size (the dataset's)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="rendered camera size (the dataset's); a state-only policy renders nothing")
     p.add_argument("--policy-seed", type=int, default=0, help="the policy's sampling key")
     p.add_argument("--server", help="HOST:PORT of `correct.py serve`: drive the served policy (its own correction; noise after it)")
     p.add_argument("--out", help="output dir (default: RUN/eval_sim)")
@@ -135,16 +136,17 @@ def _eval_sim(argv: list[str]) -> int:
     from eqx_energy.serve.client import PolicyClient
     from eqx_energy.serve.policy import correction_from
     from eqx_energy.sim.evaluate import evaluate
-    from eqx_energy.sim.policy_adapter import SimPolicy, client_policy_fn
+    from eqx_energy.sim.policy_adapter import SimPolicy, client_policy_fn, needs_images
     from eqx_energy.sim.report import markdown_table, write_report
 
     tasks, sigmas = args.tasks.split(","), parse_list(args.sigmas, float, "--sigmas")
     common = dict(seed=args.seed, replan_every=args.replan_every, max_steps=args.max_steps, batch_envs=args.batch_envs,
-                  image_size=args.image_size, render_images=True, progress=not args.no_progress)
+                  image_size=args.image_size, progress=not args.no_progress)
     runs = {}
     if args.server:
         host, _, port = args.server.rpartition(":")
         with PolicyClient(host, int(port), wait_s=60) as client:
+            common["render_images"] = needs_images(client.metadata)
             for sigma in sigmas:
                 runs[f"served sigma={sigma:g}"] = evaluate(client_policy_fn(client), tasks, args.episodes,
                                                             noise_sigma=sigma, **common)
@@ -155,6 +157,7 @@ def _eval_sim(argv: list[str]) -> int:
         alphas = parse_list(args.alpha, float, "--alpha") if args.alpha else [float(run.cfg.correction.alpha)]
         settings = [] if args.no_baseline else [("off", 0, None)]
         settings += [(f"k={k} alpha={a:g}", k, a) for k in steps if k > 0 for a in alphas]
+        common["render_images"] = run.cfg.data.image_key is not None
         for sigma in sigmas:
             for name, k, alpha in settings:
                 correction = correction_from(run, steps=k, alpha=alpha, clip_frac=args.clip_frac,

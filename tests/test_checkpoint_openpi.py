@@ -82,3 +82,13 @@ def test_norm_stats_found_in_checkpoint_assets(tmp_path):
     loaded = load_norm_stats(tmp_path / "ckpt")
     np.testing.assert_array_equal(loaded["state"].std, [1.0, 2.0])
     assert loaded["state"].q01 is None
+
+
+def test_state_only_policy_loads_the_language_and_action_leaves_of_a_camera_checkpoint(tiny, tmp_path):
+    """A state-only config (no cameras) reads everything but SigLIP from a full checkpoint, bit-exact."""
+    cfg, model = tiny
+    save_openpi_params(model, tmp_path / "params")
+    state_only = load_openpi_params(tmp_path / "params", Pi0Config.tiny(pi05=cfg.pi05, image_keys=()))
+    assert state_only.img is None
+    assert not any(p.startswith("PaliGemma/img") for p in openpi_leaves(state_only))
+    assert _bit_equal(state_only, eqx.tree_at(lambda m: m.img, model, None, is_leaf=lambda x: x is None))

@@ -66,6 +66,33 @@ def test_libero_inputs_float_chw_and_missing_wrist():
         LiberoInputs()({"state": np.zeros(8)})
 
 
+def test_state_only_inputs_and_chain_carry_no_images(tmp_path):
+    """base_key=None: no image / image_mask keys, no image steps in the chain; the rest is the camera chain's."""
+    rng = np.random.default_rng(0)
+    example = {k: v for k, v in libero_example(rng).items() if k not in ("image", "wrist_image")}
+    out = LiberoInputs(base_key=None, wrist_key=None)(example)
+    assert "image" not in out and "image_mask" not in out and out["state"] is not None
+    with pytest.raises(ValueError, match="needs a base camera"):
+        LiberoInputs(base_key=None)
+    tokenizer_module = pytest.importorskip("eqx_energy.policy.tokenizer")
+    model = tokenizer_module.train_sentencepiece(["pick up the black bowl"] * 20, tmp_path / "tok.model", 64)
+    tokenizer = tokenizer_module.PaligemmaTokenizer(model, 16)
+    stats = {"state": NormStats(mean=rng.normal(size=8), std=rng.uniform(0.5, 2, 8)),
+             "actions": NormStats(mean=rng.normal(size=7), std=rng.uniform(0.5, 2, 7))}
+    common = dict(norm_stats=stats, tokenizer=tokenizer, action_dim=7, delta_dims=6)
+    state_only = policy_transforms(**common, keys=LiberoInputs(base_key=None, wrist_key=None))
+    assert not any(isinstance(t, (ResizeImages, ImagesToFloat)) for t in state_only.inputs)
+    got = example
+    for transform in state_only.inputs:
+        got = transform(got)
+    want = libero_example(np.random.default_rng(0))
+    for transform in policy_transforms(**common).inputs:
+        want = transform(want)
+    assert set(want) - set(got) == {"image", "image_mask"} and set(got) <= set(want)
+    for key in got:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_delta_and_absolute_actions():
     state = np.arange(8, dtype=np.float32)
     actions = np.ones((2, 7), np.float32)

@@ -154,3 +154,31 @@ def test_config_validation():
         Pi0Config(paligemma_variant="gemma_2b", action_expert_variant="dummy")
     with pytest.raises(ValueError, match="did you mean 'gemma_2b'"):
         Pi0Config(paligemma_variant="gemma2b")
+
+
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_state_only_policy_equals_camera_policy_with_every_camera_masked(pi05):
+    """image_keys=() drops SigLIP and the camera tokens: same prompt features and actions as a camera policy whose
+    cameras are all masked out (positions count valid tokens only), with the same language/action weights."""
+    cfg = Pi0Config.tiny(pi05=pi05)
+    model, obs = perturbed(cfg), fake_obs(cfg)
+    blind = eqx.tree_at(lambda o: o.image_masks, obs, {k: jnp.zeros_like(v) for k, v in obs.image_masks.items()})
+    state_cfg = Pi0Config.tiny(pi05=pi05, image_keys=())
+    fresh = init_pi0(state_cfg, key=jax.random.key(0))
+    shared = lambda m: [getattr(m, f) for f in ("llm", "action_in_proj", "action_out_proj", "state_proj",  # noqa: E731
+                                                 "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")]
+    state_only = eqx.tree_at(shared, fresh, shared(model), is_leaf=lambda x: x is None)
+    state_obs = Observation({}, {}, obs.state, obs.tokenized_prompt, obs.tokenized_prompt_mask)
+    assert state_cfg.prefix_len == cfg.max_token_len
+    feats, mask = state_only.prefix_features(state_obs)
+    ref_feats, ref_mask = model.prefix_features(blind)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref_mask)[:, -cfg.max_token_len :])
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(feats)[valid], np.asarray(ref_feats)[:, -cfg.max_token_len :][valid], rtol=1e-5, atol=1e-5)
+    noise = jax.random.normal(jax.random.key(2), (2, cfg.action_horizon, cfg.action_dim))
+    actions = state_only.sample_actions(jax.random.key(0), state_obs, 3, noise=noise)[0]
+    ref_actions = model.sample_actions(jax.random.key(0), blind, 3, noise=noise)[0]
+    np.testing.assert_allclose(np.asarray(actions), np.asarray(ref_actions), rtol=1e-4, atol=1e-4)
+    assert fresh.img is None and count_params(fresh) < count_params(model)
+    assert Observation.from_dict({"state": np.zeros((1, 32)), "tokenized_prompt": np.ones((1, 4), np.int32),
+                                  "tokenized_prompt_mask": np.ones((1, 4), bool)}).images == {}

@@ -40,6 +40,20 @@ def test_tiny_dataset_generates_and_reads_back(tmp_path):
             np.testing.assert_array_equal(again[i][key], items[i][key])
 
 
+def test_state_only_dataset_has_no_image_columns(tmp_path):
+    main(["--out", str(tmp_path / "s"), "--tasks", "reach-v3", "--episodes-per-task", "2", "--seed", "3",
+          "--noisy-fraction", "0", "--max-steps", "8", "--no-images"])
+    source = LeRobotSource(tmp_path / "s", action_horizon=3)
+    assert not any(f["dtype"] == "image" for f in source.info["features"].values())
+    item = source[0]
+    assert "image" not in item and item["state"].shape == (STATE_DIM,) and item["actions"].shape == (3, 4)
+    task = MetaWorldTask("reach-v3", seed=3, render=False)  # the generator's seed: its first episode's start state
+    try:
+        np.testing.assert_array_equal(task.reset(0)["state"], item["state"])
+    finally:
+        task.close()
+
+
 def test_expert_succeeds_and_bad_task_is_clear():
     task = MetaWorldTask("reach-v3", seed=0, image_size=16)
     try:

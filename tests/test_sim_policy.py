@@ -1,10 +1,14 @@
-"""A tiny trained run in closed loop: SimPolicy (noise before correction), the websocket path, eval-sim."""
+"""A tiny state-only trained run in closed loop: SimPolicy (noise before correction), the websocket path, eval-sim.
+
+State-only is the efficacy experiment's setting (configs/metaworld_energy.yaml); rendering in the closed
+loop is covered by test_sim_evaluate, image policies by the tiny_run tests."""
 
 import numpy as np
 import pytest
 
 import correct as correct_cli
 from eqx_energy.checkpoints.load_run import load_run
+from eqx_energy.data.transforms import Compose, TokenizePrompt
 from eqx_energy.data.writer import write_lerobot_dataset
 from eqx_energy.serve import PolicyClient, PolicyServer
 from eqx_energy.serve.policy import EnergyPolicy, correction_from
@@ -16,32 +20,32 @@ from eqx_energy.train.config import TrainConfig, from_dict
 from eqx_energy.train.loop import run as train_run
 
 pytest.importorskip("metaworld")
-pytestmark = pytest.mark.slow  # trains a tiny run, then closed-loop episodes with rendering
+pytestmark = pytest.mark.slow  # trains a tiny run, then closed-loop episodes
 
 TASKS = ("reach-v3", "button-press-v3")
-HORIZON, SIZE = 4, 16
-EPISODE = dict(seed=3, replan_every=2, max_steps=6, image_size=SIZE, render_images=True, progress=False)
+HORIZON = 4
+EPISODE = dict(seed=3, replan_every=2, max_steps=6, render_images=False, progress=False)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A Pi0.5-style tiny policy + energy (discrete state in the prompt) trained 2 steps on Meta-World-shaped data."""
+    """A state-only Pi0.5-style tiny policy + energy (one token per state bin in the prompt) trained 2 steps on
+    Meta-World-shaped data without cameras."""
     tmp = tmp_path_factory.mktemp("sim_policy")
     rng = np.random.default_rng(0)
-    episodes = [({"image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
-                  "wrist_image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
-                  "state": rng.uniform(-0.5, 0.5, (n, STATE_DIM)).astype(np.float32),
+    episodes = [({"state": rng.uniform(-0.5, 0.5, (n, STATE_DIM)).astype(np.float32),
                   "actions": rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32)}, prompt_for(TASKS[i % 2]))
                 for i, n in enumerate((7, 9, 8, 6))]
     data = write_lerobot_dataset(tmp / "data", episodes, fps=80)
     cfg = from_dict(TrainConfig, {
         "policy": {"model": {"paligemma_variant": "tiny", "action_expert_variant": "tiny_expert",
-                             "siglip_variant": "tiny", "pi05": True, "action_horizon": HORIZON, "max_token_len": 88,
-                             "image_resolution": SIZE, "vocab_size": 128, "dtype": "float32"},
+                             "siglip_variant": "tiny", "pi05": True, "action_horizon": HORIZON, "max_token_len": 72,
+                             "image_keys": [], "vocab_size": 512, "dtype": "float32"},
                    "frozen_dtype": None, "sample_steps": 2},
         "energy": {"context_dim": 64, "action_dim": ACTION_DIM, "hidden": 16, "num_heads": 2, "output": "softplus",
                    "max_horizon": HORIZON},
-        "data": {"root": str(data), "action_dim": ACTION_DIM, "discrete_state": True, "holdout_fraction": 0.25,
+        "data": {"root": str(data), "action_dim": ACTION_DIM, "image_key": None, "wrist_key": None,
+                 "discrete_state": True, "holdout_fraction": 0.25,
                  "batch_size": 8},
         "optim": {"warmup_steps": 1, "ema_decay": 0.9},
         "train": {"mode": "joint", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
@@ -57,10 +61,19 @@ def run(run_dir):
 
 def _observations(n: int) -> list[dict]:
     rng = np.random.default_rng(1)
-    return [{"image": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
-             "wrist_image": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
-             "state": rng.uniform(-0.5, 0.5, STATE_DIM).astype(np.float32), "prompt": prompt_for(TASKS[i % 2])}
+    return [{"state": rng.uniform(-0.5, 0.5, STATE_DIM).astype(np.float32), "prompt": prompt_for(TASKS[i % 2])}
             for i in range(n)]
+
+
+def test_state_only_run_has_no_cameras_and_one_token_per_state_bin(run):
+    assert run.model.policy.img is None and run.cfg.policy.model.prefix_len == 72
+    assert EnergyPolicy(run).metadata["camera_keys"] == []
+    example = Compose(tuple(run.transforms.inputs))(_observations(1)[0])
+    assert "image" not in example and "image_mask" not in example
+    tokenizer = next(t for t in run.transforms.inputs if isinstance(t, TokenizePrompt)).tokenizer
+    pieces = [tokenizer._sp.id_to_piece(int(t)) for t in example["tokenized_prompt"][example["tokenized_prompt_mask"]]]
+    values = [p for p in pieces if p.lstrip("-").isdigit()]
+    assert len(values) == STATE_DIM and all(-1 <= int(v) <= 255 for v in values)
 
 
 def test_env_units_per_normalized_is_the_quantile_half_range(run):
@@ -119,7 +132,7 @@ def test_closed_loop_in_process_equals_websocket(run):
 def test_eval_sim_cli_writes_every_setting(run_dir, tmp_path, capsys):
     out = tmp_path / "sim"
     rc = correct_cli.main(["eval-sim", "--ckpt", str(run_dir), "--tasks", "reach-v3", "--episodes", "2",
-                           "--max-steps", "4", "--replan-every", "2", "--image-size", str(SIZE), "--sigmas", "0,0.5",
+                           "--max-steps", "4", "--replan-every", "2", "--sigmas", "0,0.5",
                            "--steps", "2", "--alpha", "0.05,0.2", "--batch-envs", "2", "--out", str(out),
                            "--no-progress"])
     assert rc == 0
@@ -129,6 +142,7 @@ def test_eval_sim_cli_writes_every_setting(run_dir, tmp_path, capsys):
     assert all(r["reach-v3"].episodes == 2 for r in results.values())
     assert results["off sigma=0.5"].settings["correction"]["steps"] == 0
     assert results["k=2 alpha=0.2 sigma=0"].settings["correction"]["alpha"] == pytest.approx(0.2)
+    assert not any(r.settings["render_images"] for r in results.values())  # a state-only run renders nothing
     assert (out / "success.png").stat().st_size > 0
     assert correct_cli.main(["eval-sim", "--tasks", "reach-v3"]) == 2
     assert "exactly one of --ckpt" in capsys.readouterr().err

@@ -47,3 +47,16 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
         PaligemmaTokenizer(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="non-empty"):
         train_sentencepiece(["  "], tmp_path / "x.model")
+
+
+def test_state_pieces_make_each_state_bin_one_token(tmp_path):
+    path = train_sentencepiece(TASKS, tmp_path / "state.model", vocab_size=512, state_pieces=True)
+    tok = PaligemmaTokenizer(path, max_len=96)
+    state = np.linspace(-1.2, 1.2, 21)
+    tokens, mask = tok.tokenize(TASKS[0], state)
+    pieces = [tok._sp.id_to_piece(int(t)) for t in tokens[mask]]
+    bins = np.digitize(state, np.linspace(-1, 1, 257)[:-1]) - 1
+    assert [p for p in pieces if p.lstrip("-").isdigit()] == [str(b) for b in bins]
+    assert tok.decode(tokens, mask).endswith(f"State: {' '.join(map(str, bins))};\nAction: ")
+    with pytest.raises(ValueError, match="vocab_size >= 512"):
+        train_sentencepiece(TASKS, tmp_path / "small.model", vocab_size=256, state_pieces=True)

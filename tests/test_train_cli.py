@@ -106,3 +106,13 @@ def test_demo_trains_then_resumes(tmp_path, dataset, capsys):
     assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in records)
     assert RunCheckpoints(tmp_path).latest_step == 4
     assert "run saved in" in capsys.readouterr().out
+
+
+def test_state_only_data_needs_a_state_only_model(capsys, tmp_path, dataset):
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"data.root={dataset}",
+                          "--set", "data.image_key=null", "--set", "data.wrist_key=null"])
+    assert "policy.model.image_keys" in line and "state-only" in line
+    line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path / "run"), "--set", f"data.root={dataset}",
+                          "--set", "data.image_key=null"])
+    assert "data.wrist_key" in line
+    assert not (tmp_path / "run").exists()

@@ -39,9 +39,7 @@ def _norm(prefix: str, norm) -> dict[str, Any]:
     return {f"{prefix}/scale": norm.scale}
 
 
-def openpi_leaves(pi0: Pi0) -> dict[str, Any]:
-    """openpi parameter path -> the matching leaf of `pi0` (an array, or a ShapeDtypeStruct in a template)."""
-    img, llm = pi0.img, pi0.llm
+def _siglip_leaves(img) -> dict[str, Any]:
     out: dict[str, Any] = {
         "PaliGemma/img/embedding/kernel": img.embedding,
         "PaliGemma/img/embedding/bias": img.embedding_bias,
@@ -61,6 +59,15 @@ def openpi_leaves(pi0: Pi0) -> dict[str, Any]:
         "PaliGemma/img/Transformer/encoder_norm/bias": img.encoder_norm.bias,
     }
     out |= _dense("PaliGemma/img/head", img.head)
+    return out
+
+
+def openpi_leaves(pi0: Pi0) -> dict[str, Any]:
+    """openpi parameter path -> the matching leaf of `pi0` (an array, or a ShapeDtypeStruct in a template).
+
+    A state-only policy (no cameras, `img` None) has no SigLIP paths: a checkpoint's are then ignored."""
+    llm = pi0.llm
+    out = {} if pi0.img is None else _siglip_leaves(pi0.img)
     out["PaliGemma/llm/embedder/input_embedding"] = llm.embedder
     for i, (layer, final) in enumerate(zip(llm.layers, llm.final_norms)):
         sfx = "" if i == 0 else f"_{i}"

@@ -5,6 +5,7 @@ Every transform maps a dict to a new dict and never mutates its input. Training 
 
   LiberoInputs     dataset keys -> image {base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb} uint8 HWC,
                    image_mask (True = real camera; zeros + False where absent), state, actions, prompt
+                   (state-only, base_key=None: no image / image_mask, and no image steps below)
   DeltaActions     actions[..., :d] -= state[:d] on the masked dims (pi0_libero: the first 6)
   Normalize        z-score (x - mean) / (std + 1e-6) (Pi0), or quantile (x - q01) / (q99 - q01 + 1e-6) * 2 - 1
                    (Pi0.5), with the stats sliced to the data's dim
@@ -82,17 +83,33 @@ def _parse_image(image: Any) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class LiberoInputs:
-    """Repack to the policy's observation layout; keys are the dataset's (or the client's) names."""
+    """Repack to the policy's observation layout; keys are the dataset's (or the client's) names.
 
-    base_key: str = "image"
+    base_key=None is a state-only policy: the output has no `image` / `image_mask` at all."""
+
+    base_key: str | None = "image"
     wrist_key: str | None = "wrist_image"
     state_key: str = "state"
 
+    def __post_init__(self):
+        if self.base_key is None and self.wrist_key is not None:
+            raise ValueError(f"a wrist camera ({self.wrist_key!r}) needs a base camera; base_key is None (state-only): "
+                             "set wrist_key=None too")
+
+    @property
+    def state_only(self) -> bool:
+        return self.base_key is None
+
     def __call__(self, data: Example) -> Example:
-        for key in (self.base_key, self.state_key) + ((self.wrist_key,) if self.wrist_key else ()):
+        cameras = tuple(k for k in (self.base_key, self.wrist_key) if k)
+        for key in (self.state_key, *cameras):
             if key not in data:
                 raise ValueError(f"LiberoInputs expected key {key!r}; the example has {sorted(data)}. Set "
                                  "base_key / wrist_key / state_key to the dataset's or client's names")
+        if self.state_only:
+            out = {"state": np.asarray(data[self.state_key])}
+            out.update({k: data[k] for k in _PASSTHROUGH if k in data})
+            return out
         base = _parse_image(data[self.base_key])
         wrist = _parse_image(data[self.wrist_key]) if self.wrist_key else np.zeros_like(base)
         out = {"state": np.asarray(data[self.state_key]),
@@ -297,13 +314,16 @@ def policy_transforms(
     discrete_state: bool = False,
     keys: LiberoInputs = LiberoInputs(),
 ) -> Group:
-    """openpi's chain: pi0_libero = (pi05=False, delta_dims=6, action_dim=7); pi05_libero = (pi05=True)."""
+    """openpi's chain: pi0_libero = (pi05=False, delta_dims=6, action_dim=7); pi05_libero = (pi05=True).
+
+    `keys.base_key=None` (state-only) drops the image steps."""
     group = Group(inputs=(keys,), outputs=(LiberoOutputs(action_dim),))
     if delta_dims:
         mask = make_bool_mask(delta_dims, -(action_dim - delta_dims))
         group = group.push(inputs=(DeltaActions(mask),), outputs=(AbsoluteActions(mask),))
+    images = () if keys.state_only else (ResizeImages(image_size, image_size), ImagesToFloat())
     return group.push(
-        inputs=(Normalize(norm_stats, use_quantiles=pi05), ResizeImages(image_size, image_size), ImagesToFloat(),
+        inputs=(Normalize(norm_stats, use_quantiles=pi05), *images,
                 TokenizePrompt(tokenizer, discrete_state=discrete_state), PadStatesAndActions(model_action_dim)),
         outputs=(Unnormalize(norm_stats, use_quantiles=pi05),),
     )

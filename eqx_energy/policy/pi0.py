@@ -7,7 +7,8 @@ Flow matching with openpi's time convention (t = 1 is noise, t = 0 data):
     sampling: x <- x + dt v(x, t), t <- t + dt, dt = -1/num_steps, from t = 1 (noise)
 
 Prefix = [SigLIP tokens per camera (base, left wrist, right wrist)] + [prompt embedding], all
-bidirectional among valid tokens. Pi0 suffix = [state token] + H action tokens (action+time MLP);
+bidirectional among valid tokens. `image_keys=()` is a state-only policy: no SigLIP, the prefix is the
+prompt alone (with Pi0.5's discrete state it still sees the state). Pi0 suffix = [state token] + H action tokens (action+time MLP);
 Pi0.5 suffix = H action tokens, the time enters the expert through adaptive RMSNorm. The prefix never
 sees the suffix, so its output ("prefix features", final-normed, (b s d)) is the same in the training
 forward, the KV-cache fill pass and `prefix_features`: it is what the energy head reads.
@@ -43,7 +44,7 @@ class Pi0Config:
     action_horizon: int = 50  # h
     max_token_len: int | None = None  # prompt length L; None -> 48 (Pi0) or 200 (Pi0.5), as openpi
     image_resolution: int = 224  # square images (openpi: 224)
-    image_keys: tuple[str, ...] = IMAGE_KEYS  # prefix order of the cameras
+    image_keys: tuple[str, ...] = IMAGE_KEYS  # prefix order of the cameras; () = state-only (no SigLIP)
     vocab_size: int = PALIGEMMA_VOCAB_SIZE  # rows of the token table (a project tokenizer: a few hundred)
     dtype: str = "bfloat16"  # activation dtype (openpi's Pi0Config.dtype)
     remat: bool = False  # rematerialise each scanned layer in the backward pass (saves memory)
@@ -95,7 +96,9 @@ class Pi0Config:
 
 
 class Observation(eqx.Module):
-    """A batch in openpi's model layout (§4.4): images float in [-1, 1], masks True = valid."""
+    """A batch in openpi's model layout (§4.4): images float in [-1, 1], masks True = valid.
+
+    A state-only batch has empty `images` / `image_masks` (its dict has no `image` key)."""
 
     images: dict[str, Float[Array, "b H W 3"]]
     image_masks: dict[str, Bool[Array, " b"]]
@@ -111,7 +114,7 @@ class Observation(eqx.Module):
             x = jnp.asarray(x)
             return x.astype(jnp.float32) / 255.0 * 2.0 - 1.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
-        images = {k: image(v) for k, v in data["image"].items()}
+        images = {k: image(v) for k, v in data.get("image", {}).items()}
         b = data["state"].shape[0]
         masks = {k: jnp.asarray(data.get("image_mask", {}).get(k, np.ones((b,), bool)), bool) for k in images}
         return cls(
@@ -133,7 +136,7 @@ def posemb_sincos(t: Float[Array, ""], dim: int, min_period: float = 4e-3, max_p
 class Pi0(eqx.Module):
     """Pi0 / Pi0.5 (see the module docstring). Field names follow openpi's parameter tree."""
 
-    img: Siglip
+    img: Siglip | None
     llm: Gemma
     action_in_proj: Dense
     action_out_proj: Dense
@@ -148,7 +151,11 @@ class Pi0(eqx.Module):
         ikey, lkey, inkey, outkey, skey, m1key, m2key = jax.random.split(key, 7)
         vlm, expert = gemma_config(config.paligemma_variant), gemma_config(config.action_expert_variant)
         d, p = expert.width, config.action_dim
-        self.img = Siglip(siglip_config(config.siglip_variant), config.image_resolution, vlm.width, dtype=config.dtype, remat=config.remat, key=ikey)
+        self.img = (
+            Siglip(siglip_config(config.siglip_variant), config.image_resolution, vlm.width, dtype=config.dtype, remat=config.remat, key=ikey)
+            if config.image_keys
+            else None
+        )
         self.llm = Gemma(
             (vlm, expert),
             vocab_size=config.vocab_size,

@@ -68,20 +68,28 @@ class PaligemmaTokenizer:
         return self._sp.decode(ids)
 
 
-def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, vocab_size: int = 256) -> pathlib.Path:
+_STATE_BINS = tuple(str(i) for i in range(-1, 256))  # the discrete-state values, one piece each
+
+
+def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, vocab_size: int = 256, *,
+                        state_pieces: bool = False) -> pathlib.Path:
     """Train a small SentencePiece model on `texts` (e.g. a dataset's task strings) and write it to `out_path`.
 
     Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and text handling ("\\n" its own piece, identity
     normalisation, no dummy-prefix space); `hard_vocab_limit=False`, so on a small corpus the vocabulary
-    may come out smaller than `vocab_size`.
+    may come out smaller than `vocab_size`. `state_pieces` makes each discrete-state bin (-1..255) one
+    piece (vocab_size >= 512 then): PaliGemma's tokenizer splits numbers into digits, which a 2B model reads
+    fine, but a CPU-sized model learns the state far faster from one token per value.
     Returns the path of the written `.model` file.
     """
+    if state_pieces and vocab_size < 512:
+        raise ValueError(f"state_pieces needs vocab_size >= 512 (257 bin pieces + the text's); got {vocab_size}")
     corpus = [t.strip().replace("_", " ").replace("\n", " ") for t in texts]
     corpus = [t for t in corpus if t]
     if not corpus:
         raise ValueError("train_sentencepiece needs at least one non-empty text; got none")
-    # The discrete-state format's fixed words and digits, so Pi0.5-style prompts tokenize without unk.
-    corpus += ["Task: , State: ;", "Action: ", " ".join(str(i) for i in range(-1, 256))]
+    # The discrete-state format's fixed words, so Pi0.5-style prompts tokenize without unk.
+    corpus += ["Task: , State: ;", "Action: ", " ".join(_STATE_BINS)]
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -89,12 +97,12 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, voca
         sentence_iterator=iter(corpus),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type="bpe",  # whole words on a few task strings (unigram stays near character level)
         pad_id=0,
         eos_id=1,
         bos_id=2,
         unk_id=3,
-        user_defined_symbols=["\n"],
+        user_defined_symbols=["\n", *(_STATE_BINS if state_pieces else ())],
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,

@@ -53,14 +53,15 @@ class EnergyPolicy:
         self._key = jax.random.key(seed)
         self._calls = 0
         model = run.cfg.policy.model
+        cameras = [k for k in (run.cfg.data.image_key, run.cfg.data.wrist_key) if k]  # [] = state-only
         self.metadata = {
             "policy": "eqx_energy",
             "run_dir": str(run.run_dir),
             "step": run.step,
             "action_horizon": model.action_horizon,
             "action_dim": run.cfg.data.action_dim,
-            "observation_keys": [k for k in (run.cfg.data.image_key, run.cfg.data.wrist_key, run.cfg.data.state_key)
-                                 if k] + ["prompt"],
+            "camera_keys": cameras,
+            "observation_keys": [*cameras, run.cfg.data.state_key, "prompt"],
             "correction": {"steps": self.correction.steps, "alpha": float(self.correction.alpha),
                            "clip_frac": float(self.correction.clip_frac), "first_only": self.correction.first_only},
         }
@@ -81,7 +82,7 @@ class EnergyPolicy:
                 raise ValueError(f"an observation must be a dict with a 'prompt' and keys "
                                  f"{self.metadata['observation_keys']}; got {sorted(obs) if isinstance(obs, dict) else type(obs)}")
             example = self._inputs({k: v for k, v in obs.items() if k != "actions"})
-            examples.append({k: example[k] for k in _MODEL_KEYS})
+            examples.append({k: example[k] for k in _MODEL_KEYS if k in example})  # state-only: no images
         batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1

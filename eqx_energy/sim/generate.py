@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--cameras", default=",".join(d.cameras), help="two camera names: front,wrist")
+    p.add_argument("--no-images", action="store_true", help="state-only episodes: no cameras rendered or stored")
     p.add_argument("--noisy-fraction", type=float, default=d.noisy_fraction)
     p.add_argument("--noise-std", type=float, default=d.noise_std)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(cameras) != 2:
         p.error(f"--cameras needs exactly two names (front,wrist); got {a.cameras!r}")
     config = GenerateConfig(tasks=tuple(a.tasks.split(",")), episodes_per_task=a.episodes_per_task, seed=a.seed,
-                            image_size=a.image_size, cameras=cameras, noisy_fraction=a.noisy_fraction,
+                            image_size=a.image_size, cameras=cameras, images=not a.no_images, noisy_fraction=a.noisy_fraction,
                             noise_std=a.noise_std, max_steps=a.max_steps)
     summary = generate_dataset(a.out, config, overwrite=a.overwrite)
     print(json.dumps(summary))

@@ -133,6 +133,7 @@ class GenerateConfig:
     seed: int = 0
     image_size: int = 64
     cameras: tuple[str, str] = ("corner2", "gripperPOV")
+    images: bool = True  # False: state-only episodes (no rendering, no image columns; 20-50x faster)
     noisy_fraction: float = 0.25
     noise_std: float = 0.5
     max_steps: int = 150
@@ -147,14 +148,14 @@ class GenerateConfig:
 def rollout(task: MetaWorldTask, variation: int, noise_std: float, max_steps: int,
             rng: np.random.Generator) -> tuple[dict[str, np.ndarray], bool]:
     """One expert episode (noise_std > 0: noisy expert): per-frame arrays and whether it succeeded."""
-    frames: dict[str, list[Any]] = {"image": [], "wrist_image": [], "state": [], "actions": [], "noise_std": []}
     obs, success = task.reset(variation), False
+    frames: dict[str, list[Any]] = {key: [] for key in (*obs, "actions", "noise_std")}
     for _ in range(max_steps):
         action = task.expert_action()
         if noise_std > 0:
             action = np.clip(action + rng.normal(0.0, noise_std, ACTION_DIM), -1.0, 1.0).astype(np.float32)
-        for key in ("image", "wrist_image", "state"):
-            frames[key].append(obs[key])
+        for key, value in obs.items():
+            frames[key].append(value)
         frames["actions"].append(action)
         frames["noise_std"].append(np.float32(noise_std))
         obs, success = task.step(action)
@@ -172,7 +173,8 @@ def generate_dataset(root: str | pathlib.Path, config: GenerateConfig = Generate
     """Record the episodes (tasks interleaved) into a LeRobot v2.1 dataset at `root`; returns a summary."""
     noisy_per_task = int(round(config.noisy_fraction * config.episodes_per_task))
     seeds = np.random.SeedSequence(config.seed).spawn(len(config.tasks) * config.episodes_per_task)
-    tasks = {name: MetaWorldTask(name, seed=config.seed, image_size=config.image_size, cameras=config.cameras)
+    tasks = {name: MetaWorldTask(name, seed=config.seed, image_size=config.image_size, cameras=config.cameras,
+                                 render=config.images)
              for name in config.tasks}
     successes = {name: [0, 0] for name in config.tasks}  # clean, noisy
     frames = 0

@@ -77,6 +77,11 @@ def _add_rows(chunk: Float[np.ndarray, "b h a"], noise: Float[np.ndarray, "r h a
     return out
 
 
+def needs_images(metadata: dict) -> bool:
+    """Whether a served policy reads cameras (an empty `camera_keys` = state-only; servers without it: yes)."""
+    return bool(metadata.get("camera_keys", True))
+
+
 def client_policy_fn(client: PolicyClient) -> PolicyFn:
     """evaluate()'s policy_fn over a websocket: one `client.infer(obs)` per observation, chunks stacked."""
 

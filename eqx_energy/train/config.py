@@ -152,7 +152,7 @@ class DataConfig:
     root: str  # dataset directory (meta/info.json inside); ${VAR} expands
     action_dim: int = 7  # environment action dims (LIBERO 7, Meta-World 4) = energy.action_dim
     delta_dims: int | None = None  # first N action dims made relative to the state (pi0_libero: 6)
-    image_key: str = "image"
+    image_key: str | None = "image"  # null = state-only (no cameras; policy.model.image_keys: [])
     wrist_key: str | None = "wrist_image"
     state_key: str = "state"
     discrete_state: bool = False  # Pi0.5-style discretized state in the prompt
@@ -166,6 +166,10 @@ class DataConfig:
         _require(self.action_dim > 0, "data.action_dim must be > 0")
         _require(self.batch_size > 1, "data.batch_size must be > 1 (in-batch negatives need b >= 2)")
         _require(0.0 <= self.holdout_fraction < 1.0, "data.holdout_fraction must be in [0, 1)")
+        _require(
+            self.image_key is not None or self.wrist_key is None,
+            "data.wrist_key needs data.image_key (a state-only run sets both to null)",
+        )
         _require(
             self.delta_dims is None or 0 < self.delta_dims <= self.action_dim,
             "data.delta_dims must be in 1..data.action_dim or null",

@@ -61,6 +61,11 @@ def check_paths(cfg: TrainConfig) -> None:
             f"energy.context_dim={cfg.energy.context_dim} but the policy's prefix features have width {width} "
             f"({cfg.policy.model.paligemma_variant}); set energy.context_dim={width}"
         )
+    if (cfg.data.image_key is None) != (cfg.policy.model.image_keys == ()):
+        raise ConfigError(
+            f"data.image_key={cfg.data.image_key!r} but policy.model.image_keys={list(cfg.policy.model.image_keys)}: "
+            "a state-only run sets both data.image_key: null (and data.wrist_key: null) and policy.model.image_keys: []"
+        )
     if cfg.energy.action_dim != cfg.data.action_dim:
         raise ConfigError(
             f"energy.action_dim={cfg.energy.action_dim} but data.action_dim={cfg.data.action_dim}; "
@@ -72,7 +77,8 @@ def _tokenizer(cfg: TrainConfig, source: LeRobotSource, run_dir: Path) -> Palige
     """The configured sentencepiece model, or one trained on the dataset's task strings (kept in the run)."""
     path = Path(cfg.policy.tokenizer) if cfg.policy.tokenizer else run_dir / TOKENIZER_FILE
     if not path.exists():
-        train_sentencepiece(list(source.tasks.values()), path, vocab_size=cfg.policy.model.vocab_size)
+        train_sentencepiece(list(source.tasks.values()), path, vocab_size=cfg.policy.model.vocab_size,
+                            state_pieces=cfg.data.discrete_state and cfg.policy.model.vocab_size >= 512)
     return PaligemmaTokenizer(path, max_len=cfg.policy.model.max_token_len)
 
 
@@ -100,7 +106,7 @@ def _norm_stats(cfg: TrainConfig, run_dir: Path) -> dict[str, NormStats]:
 def build_inputs(cfg: TrainConfig, run_dir: Path, *, split: str = "train"):
     """(source, transforms Group, norm stats) of the run's dataset split."""
     source = LeRobotSource(
-        cfg.data.root, cfg.policy.model.action_horizon, split=split,
+        cfg.data.root, cfg.policy.model.action_horizon, split=split, images=cfg.data.image_key is not None,
         holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed,
     )
     stats = _norm_stats(cfg, run_dir)
@@ -123,8 +129,8 @@ def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[
 
 
 def model_inputs(example: dict[str, Any]) -> dict[str, Any]:
-    """Only the arrays the train step reads (drops strings and bookkeeping)."""
-    return {k: example[k] for k in MODEL_INPUT_KEYS}
+    """Only the arrays the train step reads (drops strings and bookkeeping; a state-only run has no images)."""
+    return {k: example[k] for k in MODEL_INPUT_KEYS if k in example}
 
 
 def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
