@@ -143,7 +143,8 @@ def test_energy_grad_to_backbone_switch(grads):
     """joint: without the switch the policy's gradient is the flow loss's alone (== monitor's);
     with it the energy loss reaches the policy too. The energy's own gradient is the same either way."""
     monitor, off, on = grads["monitor"], grads["joint_off"], grads["joint_on"]
-    assert nonzero(off.energy) and allclose(off.energy, on.energy, rtol=1e-4, atol=1e-6)
+    # atol: the two graphs differ by a stop_gradient, so f32 sums reassociate (seen: 4e-6 on leaves of size 0.5)
+    assert nonzero(off.energy) and allclose(off.energy, on.energy, rtol=1e-4, atol=1e-5)
     assert allclose(off.policy, monitor.policy, rtol=1e-4, atol=1e-6)
     diff = jax.tree.map(lambda a, b: a - b, on.policy, off.policy)
     assert max(float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(diff)) > 1e-6
