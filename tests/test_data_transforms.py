@@ -93,6 +93,24 @@ def test_state_only_inputs_and_chain_carry_no_images(tmp_path):
         np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_quantile_normalization_can_be_chosen_apart_from_the_model_format(tmp_path):
+    """Pi0 normalizes with z-scores unless asked for quantiles (a discrete state in the prompt wants them)."""
+    tokenizer_module = pytest.importorskip("eqx_energy.policy.tokenizer")
+    model = tokenizer_module.train_sentencepiece(["open the drawer"] * 20, tmp_path / "tok.model", 64)
+    tokenizer = tokenizer_module.PaligemmaTokenizer(model, 16)
+    ones = NormStats(mean=np.zeros(8), std=np.ones(8), q01=-np.ones(8), q99=np.ones(8))
+    stats = {"state": ones, "actions": ones}
+    kinds = {}
+    for use_quantiles in (None, True):
+        for pi05 in (False, True):
+            group = policy_transforms(norm_stats=stats, tokenizer=tokenizer, action_dim=7, pi05=pi05,
+                                      use_quantiles=use_quantiles)
+            kinds[use_quantiles, pi05] = [t.use_quantiles for t in (*group.inputs, *group.outputs)
+                                          if isinstance(t, (Normalize, Unnormalize))]
+    assert kinds == {(None, False): [False, False], (None, True): [True, True],
+                     (True, False): [True, True], (True, True): [True, True]}
+
+
 def test_delta_and_absolute_actions():
     state = np.arange(8, dtype=np.float32)
     actions = np.ones((2, 7), np.float32)

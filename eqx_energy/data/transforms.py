@@ -312,18 +312,21 @@ def policy_transforms(
     image_size: int = 224,
     model_action_dim: int = 32,
     discrete_state: bool = False,
+    use_quantiles: bool | None = None,
     keys: LiberoInputs = LiberoInputs(),
 ) -> Group:
     """openpi's chain: pi0_libero = (pi05=False, delta_dims=6, action_dim=7); pi05_libero = (pi05=True).
 
-    `keys.base_key=None` (state-only) drops the image steps."""
+    `use_quantiles=None` normalizes as openpi does (quantiles for Pi0.5, z-score for Pi0); a discrete state
+    wants quantiles (its bins cover [-1, 1]). `keys.base_key=None` (state-only) drops the image steps."""
+    quantiles = pi05 if use_quantiles is None else use_quantiles
     group = Group(inputs=(keys,), outputs=(LiberoOutputs(action_dim),))
     if delta_dims:
         mask = make_bool_mask(delta_dims, -(action_dim - delta_dims))
         group = group.push(inputs=(DeltaActions(mask),), outputs=(AbsoluteActions(mask),))
     images = () if keys.state_only else (ResizeImages(image_size, image_size), ImagesToFloat())
     return group.push(
-        inputs=(Normalize(norm_stats, use_quantiles=pi05), *images,
+        inputs=(Normalize(norm_stats, use_quantiles=quantiles), *images,
                 TokenizePrompt(tokenizer, discrete_state=discrete_state), PadStatesAndActions(model_action_dim)),
-        outputs=(Unnormalize(norm_stats, use_quantiles=pi05),),
+        outputs=(Unnormalize(norm_stats, use_quantiles=quantiles),),
     )

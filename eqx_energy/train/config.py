@@ -156,6 +156,7 @@ class DataConfig:
     wrist_key: str | None = "wrist_image"
     state_key: str = "state"
     discrete_state: bool = False  # Pi0.5-style discretized state in the prompt
+    quantile_norm: bool | None = None  # None = openpi's (quantiles for Pi0.5, z-score for Pi0)
     norm_stats: str | None = None  # norm_stats.json (or an openpi checkpoint's assets); None = computed
     holdout_fraction: float = 0.1  # episodes held out from training, recorded in the run
     holdout_seed: int = 0

@@ -124,6 +124,7 @@ def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[
         image_size=cfg.policy.model.image_resolution,
         model_action_dim=cfg.policy.model.action_dim,
         discrete_state=cfg.data.discrete_state,
+        use_quantiles=cfg.data.quantile_norm,
         keys=LiberoInputs(base_key=cfg.data.image_key, wrist_key=cfg.data.wrist_key, state_key=cfg.data.state_key),
     )
 
