@@ -42,6 +42,8 @@ GEMMA_VARIANTS: dict[str, GemmaConfig] = {
     "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
     "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
     # CPU demo / tests: much smaller than openpi's dummy, same head layout rules (shared by both experts).
+    # An action expert must be wider than the padded action dim (each action token carries all of x_t):
+    # tiny_expert (32) suits unit tests only; policies that have to imitate use tiny (64) as the expert.
     "tiny": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
     "tiny_expert": GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16),
 }
