@@ -27,8 +27,8 @@ demo: $(STAMP)
 	$(PY) correct.py --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/eval
 
 # The closed-loop experiment of EFFICACY.md: state-only demos -> policy + energy -> tune alpha on seeds 200
-# -> report on seeds 100. EFF_ALPHA is a placeholder until a competent policy is tuned (EFFICACY.md):
-# set it to the tune step's best alpha.
+# -> report on seeds 100. EFF_ALPHA is the tune step's choice for the committed config (EFFICACY.md, session 3);
+# re-read runs/.../tune/results.md and set it when the config changes.
 EFF_DATA ?= data/generated/metaworld_state
 EFF_RUN ?= runs/metaworld_state
 EFF_TASKS ?= reach-v3,push-v3,pick-place-v3,drawer-open-v3
