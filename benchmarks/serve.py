@@ -46,9 +46,9 @@ def _run_policies(ckpt: str, steps: int) -> tuple[dict, list[dict]]:
     cfg = run.cfg
     source = LeRobotSource(cfg.data.root, cfg.policy.model.action_horizon, split="holdout",
                            holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed)
-    keys = [k for k in (cfg.data.image_key, cfg.data.wrist_key, cfg.data.state_key) if k]
-    observations = [{**{k: source[i][k] for k in keys}, "prompt": source[i]["prompt"]} for i in range(8)]
     policies = {"off": EnergyPolicy(run, CorrectionConfig(steps=0)), "on": EnergyPolicy(run, correction_from(run, steps=steps))}
+    keys = policies["off"].metadata["observation_keys"]  # the cameras, the state and "prompt"
+    observations = [{k: source[i][k] for k in keys} for i in range(8)]
     return policies, observations
 
 

@@ -26,9 +26,9 @@ from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.correct import CorrectionConfig, correct
 from eqx_energy.data.transforms import Compose
 from eqx_energy.policy.pi0 import Observation
+from eqx_energy.train.loop import model_inputs
 
 Perturb = Callable[[np.ndarray], np.ndarray]
-_MODEL_KEYS = ("image", "image_mask", "state", "tokenized_prompt", "tokenized_prompt_mask")
 _OPENPI_PREFIX = "observation/"
 
 
@@ -82,7 +82,7 @@ class EnergyPolicy:
                 raise ValueError(f"an observation must be a dict with a 'prompt' and keys "
                                  f"{self.metadata['observation_keys']}; got {sorted(obs) if isinstance(obs, dict) else type(obs)}")
             example = self._inputs({k: v for k, v in obs.items() if k != "actions"})
-            examples.append({k: example[k] for k in _MODEL_KEYS if k in example})  # state-only: no images
+            examples.append(model_inputs(example))
         batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1
