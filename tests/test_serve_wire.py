@@ -4,11 +4,19 @@ Expected bytes are written out by hand from the msgpack spec: 0x8N fixmap, 0xaN 
 0xc4 bin8 (openpi's marker keys and array data are bin), 0xc3 true, 0x9N fixarray, 0xcb float64.
 """
 
+import subprocess
+import sys
+import textwrap
+import threading
+
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import pytest
+import websockets.sync.server as ws_server
 
 from eqx_energy.serve import wire
+from eqx_energy.serve.client import PolicyClient
 
 
 def _ndarray_map(data: bytes, dtype: bytes, shape: bytes) -> bytes:
@@ -125,3 +133,90 @@ def test_unsupported_dtypes_raise(value):
 def test_unknown_type_raises():
     with pytest.raises(TypeError, match="cannot encode an object of type set"):
         wire.packb({"x": {1, 2}})
+
+
+def _frame(**fields) -> bytes:
+    """An __ndarray__ map with the given fields (bytes keys), packed by plain msgpack as a hostile sender would."""
+    return msgpack.packb({k.encode(): v for k, v in fields.items()})
+
+
+_OBJECT_FRAME = _frame(__ndarray__=True, data=b"A" * 8, dtype="|O", shape=[])  # 8 bytes read back as a PyObject*
+
+
+def test_object_dtype_frame_is_refused_and_the_process_survives():
+    """Before: numpy built an object array whose pointer was the sender's 8 bytes; printing it segfaulted."""
+    code = textwrap.dedent(f"""
+        from eqx_energy.serve import wire
+        try:
+            print(repr(wire.unpackb({_OBJECT_FRAME!r})))
+        except wire.WireError as e:
+            print("refused:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: dtype '|O' is not allowed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (_frame(__ndarray__=True, data=b"\0" * 7, dtype="<f4", shape=[2]), "has 7 bytes but shape \\[2\\] of dtype <f4 needs 2 x 4 = 8"),
+        (_frame(__ndarray__=True, data=b"\0" * 9, dtype="<f4", shape=[2]), "has 9 bytes"),
+        (_frame(__ndarray__=True, data=b"\0" * 8, dtype="<c8", shape=[1]), "dtype '<c8' is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 8, dtype="V8", shape=[1]), "dtype 'V8' is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 8, dtype="f4,f4", shape=[1]), "dtype 'f4,f4' is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 8, dtype="(2,)f4", shape=[1]), "is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 8, dtype="<M8", shape=[1]), "is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="|S4", shape=[1]), "is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="<f3", shape=[1]), "is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype=4, shape=[1]), "dtype 4 is not allowed"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="<f4", shape=[-1]), "shape must be a list of non-negative"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="<f4", shape=[True]), "non-negative ints"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="<f4", shape=[1.0]), "non-negative ints"),
+        (_frame(__ndarray__=True, data=b"\0" * 4, dtype="<f4", shape=1), "non-negative ints"),
+        (_frame(__ndarray__=True, data=b"", dtype="<f4", shape=[1] * 8 + [0]), "rank 9 exceeds the limit of 8"),
+        (_frame(__ndarray__=True, data=b"", dtype="|u1", shape=[2**40, 2**40, 0]), "exceeds the limit of 67108864"),
+        (_frame(__ndarray__=True, data="abcd", dtype="|u1", shape=[4]), "data must be msgpack bin"),
+        (_frame(__ndarray__=False, data=b"\0", dtype="|u1", shape=[1]), "b'__ndarray__' False"),
+        (_frame(__ndarray__=True, data=b"\0", dtype="|u1"), "must have exactly the fields"),
+        (_frame(__ndarray__=True, data=b"\0", dtype="|u1", shape=[1], extra=1), "b'extra'"),
+        (_frame(__ndarray__=True, data=b"\xff\xff\xff\xff", dtype="<U1", shape=[1]), "code point 0xffffffff"),
+        (_frame(__npgeneric__=True, data=1, dtype="|O"), "dtype '|O' is not allowed"),
+        (_frame(__npgeneric__=True, data=300, dtype="|u1"), "300 does not fit dtype |u1"),
+        (_frame(__npgeneric__=True, data="1.0", dtype="<f4"), "must be a float; got str"),
+        (_frame(__npgeneric__=True, data=1, dtype="|b1"), "must be a bool; got int"),
+        (_frame(__npgeneric__=True, data=1, dtype="<i4", shape=[]), "must have exactly the fields"),
+        (wire.packb({"a": np.arange(3.0)})[:-3], "malformed msgpack frame"),
+        (wire.packb({"a": 1}) + b"\x00", "malformed msgpack frame \\(ExtraData"),
+        (b"\xa1\xff", "malformed msgpack frame \\(UnicodeDecodeError"),
+        (b"\x81\x01\x00", "malformed msgpack frame"),  # int map key
+        (b"\x91" * 5000, "malformed msgpack frame"),  # nesting past msgpack's stack
+        ("text", "a frame must be bytes; got str"),
+    ],
+)
+def test_invalid_frames_raise_wire_error(frame, match):
+    with pytest.raises(wire.WireError, match=match):
+        wire.unpackb(frame)
+
+
+def test_valid_edge_frames_decode():
+    assert wire.unpackb(_frame(__ndarray__=True, data=b"", dtype="<f4", shape=[2, 0, 3])).shape == (2, 0, 3)
+    assert wire.unpackb(_frame(__ndarray__=True, data=b"\x01", dtype="|b1", shape=[1] * 8)).ndim == 8
+    got = wire.unpackb(_frame(__ndarray__=True, data="hé".encode("utf-32-be"), dtype=">U2", shape=[]))
+    assert got.item() == "hé"
+    assert wire.unpackb(_frame(__npgeneric__=True, data=-3, dtype="<i2")) == np.int16(-3)
+
+
+def test_encoder_refuses_what_the_decoder_refuses():
+    for value in (np.array([b"ab"]), np.array(["2020-01-01"], dtype="M8[D]")):
+        with pytest.raises(ValueError, match="cannot encode an array of dtype"):
+            wire.packb(value)
+
+
+def test_client_refuses_a_hostile_servers_frame():
+    """A server whose metadata frame is the object-dtype map: the client raises WireError instead of crashing."""
+    with ws_server.serve(lambda ws: ws.send(_OBJECT_FRAME), "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with pytest.raises(wire.WireError, match="dtype '\\|O' is not allowed"):
+            PolicyClient("127.0.0.1", server.socket.getsockname()[1], wait_s=5.0)
+        server.shutdown()
