@@ -2,10 +2,11 @@
 
 URI: `host` as given when it starts with "ws", else "ws://{host}", plus ":{port}" when a port is
 given. On connect the first frame is the server's metadata. `infer(obs)` sends `packb(obs)` and
-receives one frame: bytes decode to the reply dict; a text frame is the server's traceback and
-raises `RuntimeError("Error in inference server:\\n" + text)`. While the server refuses
-connections the client retries every `retry_s` seconds, for at most `wait_s` seconds in all
-(`wait_s=None` waits forever, as openpi does).
+receives one frame: bytes decode to the reply dict; a text frame is the server's error and
+raises `RuntimeError("Error in inference server:\\n" + text)`. Frames decode with the server's
+own checks (`wire.unpackb`), so a hostile or broken server raises `wire.WireError`, never a crash.
+While the server refuses connections the client retries every `retry_s` seconds, for at most
+`wait_s` seconds in all (`wait_s=None` waits forever, as openpi does).
 """
 
 import contextlib
@@ -83,7 +84,7 @@ class PolicyClient:
         """One round trip: obs -> the policy's reply (`actions`, `policy_timing`, `server_timing`, ...)."""
         self._ws.send(self._packer.pack(obs))
         reply = self._ws.recv()
-        if isinstance(reply, str):  # the server sends its traceback as text, then closes
+        if isinstance(reply, str):  # the server sends its error as text
             raise RuntimeError(f"Error in inference server:\n{reply}")
         return wire.unpackb(reply)
 
