@@ -10,6 +10,8 @@
 eval: ranking of expert vs perturbed chunks, correction of perturbed expert chunks and of the
 policy's own samples on held-out frames (eqx_energy.offline_eval); prints a table, writes
 report.json, sweep.png and energy_hist.png to --out (default RUN/correct_eval).
+An output dir never overwrites an earlier evaluation: when --out (or the default) already holds files,
+the results go to the first free sibling OUT-2, OUT-3, ... (printed at the end).
 serve: a websocket server speaking openpi's protocol (eqx_energy.serve).
 eval-sim: closed-loop Meta-World success rates (eqx_energy.sim.evaluate) of the uncorrected policy and
 each correction setting, gaussian noise added before correction; results.json/.md and success.png.
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-frac", type=float)
     ev.add_argument("--first-only", action="store_true")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", help="output dir (default: RUN/correct_eval)")
+    ev.add_argument("--out", help="output dir (default: RUN/correct_eval); if it holds files, the next free OUT-N")
     sv = sub.add_parser("serve", help="websocket policy server (openpi protocol)")
     _common(sv)
     sv.add_argument("--host", default="0.0.0.0")
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _eval(args: argparse.Namespace) -> int:
     from eqx_energy import offline_eval as oe
+    from eqx_energy._files import atomic_write, unused_dir
     from eqx_energy.checkpoints.load_run import load_run
 
     alphas = oe.parse_list(args.alpha_sweep, float, "--alpha-sweep") if args.alpha_sweep else None
@@ -74,11 +77,10 @@ def _eval(args: argparse.Namespace) -> int:
     source = oe.holdout_source(run, args.data, args.split)
     frames = oe.load_frames(run, source, settings.frames)
     report = oe.evaluate(run, frames, settings)
-    out = Path(args.out) if args.out else run.run_dir / "correct_eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = unused_dir(Path(args.out) if args.out else run.run_dir / "correct_eval")
     report["run"] = {"run_dir": str(run.run_dir), "step": run.step, "ema": run.ema, "data": str(source.root),
                      "split": args.split}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write(out / "report.json", json.dumps(report, indent=1))
     plots = oe.save_plots(report, out)
     print(oe.format_table(report))
     print(f"\nwrote {out / 'report.json'}, " + ", ".join(str(p) for p in plots))
@@ -124,7 +126,7 @@ def _eval_sim(argv: list[str]) -> int:
                    help="rendered camera size (the dataset's); a state-only policy renders nothing")
     p.add_argument("--policy-seed", type=int, default=0, help="the policy's sampling key")
     p.add_argument("--server", help="HOST:PORT of `correct.py serve`: drive the served policy (its own correction; noise after it)")
-    p.add_argument("--out", help="output dir (default: RUN/eval_sim)")
+    p.add_argument("--out", help="output dir (default: RUN/eval_sim); if it holds files, the next free OUT-N")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.server is None):
@@ -132,6 +134,7 @@ def _eval_sim(argv: list[str]) -> int:
                          f"got --ckpt={args.ckpt}, --server={args.server}")
     import time
 
+    from eqx_energy._files import unused_dir
     from eqx_energy.checkpoints.load_run import load_run
     from eqx_energy.serve.client import PolicyClient
     from eqx_energy.serve.policy import correction_from
@@ -171,7 +174,7 @@ def _eval_sim(argv: list[str]) -> int:
                 print(f"{name} sigma={sigma:g}: " + ", ".join(f"{r.task} {r.success_rate:.2f}" for r in result.tasks),
                       flush=True)
         out = Path(args.out) if args.out else run.run_dir / "eval_sim"
-    paths = write_report(runs, out)
+    paths = write_report(runs, unused_dir(out))
     print(markdown_table(runs))
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

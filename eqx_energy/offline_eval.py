@@ -35,7 +35,7 @@ from eqx_energy.correct import CorrectionConfig, correct, energy_and_grad
 from eqx_energy.data.source import LeRobotSource
 from eqx_energy.data.transforms import Compose
 from eqx_energy.policy.pi0 import Observation
-from eqx_energy.train.loop import model_inputs
+from eqx_energy.train.inputs import model_inputs
 
 
 class DatasetMismatch(ValueError):

@@ -65,6 +65,25 @@ def test_resume_drops_records_after_start_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(10, 10.0), (20, 20.0), (30, 3.0), (40, 4.0)]
 
 
+def test_truncated_last_line_is_dropped_on_resume_and_by_readers(tmp_path, caplog):
+    """A kill mid-write leaves half a JSON line: readers skip it with a warning, a resume removes it;
+    a bad line that is not the last is corruption and raises."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "time": 0.0, "loss": 1.0 / s}) for s in (10, 20, 30)]
+    path.write_text("\n".join(lines) + "\n" + lines[2][:17])  # step 30's line again, cut at 17 chars
+    with caplog.at_level("WARNING", logger="eqx_energy.train.metrics"):
+        assert [r["step"] for r in read_metrics(path)] == [10, 20, 30]
+    assert "cut short" in caplog.text
+    assert [p.name for p in plot_metrics(path, tmp_path / "plots")] == ["loss.png"]
+    with MetricsLogger(tmp_path, total_steps=40, start_step=30, progress=False) as log:
+        log.log(40, {"loss": 0.025})
+    assert path.read_text() == "\n".join(lines) + "\n" + path.read_text().splitlines()[-1] + "\n"
+    assert [r["step"] for r in read_metrics(path)] == [10, 20, 30, 40]
+    path.write_text(lines[0][:17] + "\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        read_metrics(path)
+
+
 def test_progress_bar_runs(tmp_path, capsys):
     with MetricsLogger(tmp_path, total_steps=4, progress=True) as log:
         log.log(2, {"loss": 0.5})

@@ -1,6 +1,8 @@
 """train.py: every config in configs/ parses; user errors exit non-zero with one clear line on
-stderr (no traceback); --restart refuses a run with checkpoints; the demo config trains and resumes."""
+stderr (no traceback); --new-run refuses a run with checkpoints; a resume with a changed config is
+refused with the diff unless --allow-config-change; the demo config trains and resumes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from test_train_loop import read_metrics, write_tiny_dataset
 
 import train
 from eqx_energy.checkpoints.run import RunCheckpoints
-from eqx_energy.train.config import CONFIG_DIR, TrainConfig, load_config
+from eqx_energy.train.config import CONFIG_DIR, TrainConfig, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -71,13 +73,31 @@ def test_missing_checkpoint(capsys, tmp_path, dataset):
     assert "policy.checkpoint" in line and "params" in line
 
 
-def test_restart_refuses_run_with_checkpoints(capsys, tmp_path, dataset):
-    with RunCheckpoints(tmp_path, async_save=False) as checkpoints:
+def checkpoint_at_step_3(run_dir, config):
+    """A run dir whose only checkpoint (step 3) saved `config`."""
+    with RunCheckpoints(run_dir, async_save=False) as checkpoints:
         checkpoints.save(3, params={"w": np.zeros(2, np.float32)}, opt_state={"n": np.zeros((), np.int32)},
-                         skipped=0, config={"run": "earlier"})
+                         skipped=0, config=config)
+
+
+def test_new_run_refuses_run_with_checkpoints(capsys, tmp_path, dataset):
+    checkpoint_at_step_3(tmp_path, {"run": "earlier"})
     line = fails(capsys, ["--config", "demo", "--run-dir", str(tmp_path), "--set", f"data.root={dataset}",
-                          "--restart"])
-    assert "--restart" in line and "step 3" in line
+                          "--new-run"])
+    assert "--new-run" in line and "step 3" in line
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything is written
+
+
+def test_resume_with_changed_config_refused_with_the_diff(capsys, tmp_path, dataset):
+    """The checkpoint saved the demo config; resuming with two values changed names both, old -> new,
+    and writes nothing (config.yaml is not replaced)."""
+    common = ["--config", "demo", "--run-dir", str(tmp_path), "--set", f"data.root={dataset}"]
+    checkpoint_at_step_3(tmp_path, to_dict(load_config(TrainConfig, "demo", common[-1:])))
+    line = fails(capsys, [*common, "--set", "optim.energy_lr=1e-4", "--set", "loss.tau=0.2"])
+    assert "step 3" in line and "--allow-config-change" in line
+    assert "optim.energy_lr: 0.001 -> 0.0001" in line and "loss.tau: 0.5 -> 0.2" in line
+    assert "data.root" not in line  # unchanged keys are not listed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
 def test_subprocess_error_is_one_line(tmp_path):
@@ -94,13 +114,17 @@ def test_subprocess_error_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_demo_trains_then_resumes(tmp_path, dataset, capsys):
     """demo.yaml at a reduced step count on the tiny dataset: 2 steps, then the same command with
-    steps=4 resumes from the step-2 checkpoint and finishes."""
+    steps=4 is refused (a changed config) until --allow-config-change, which resumes from the
+    step-2 checkpoint, finishes, and logs the change in the run."""
     common = ["--config", "demo", "--run-dir", str(tmp_path), "--no-progress", "--set", f"data.root={dataset}",
               "--set", "optim.warmup_steps=1", "--set", "train.log_interval=1", "--set", "train.checkpoint_interval=2",
               "--set", "data.batch_size=8"]
     assert train.main([*common, "--set", "train.steps=2"]) == 0
     assert RunCheckpoints(tmp_path).latest_step == 2
-    assert train.main([*common, "--set", "train.steps=4"]) == 0
+    assert "train.steps: 2 -> 4" in fails(capsys, [*common, "--set", "train.steps=4"])
+    assert train.main([*common, "--set", "train.steps=4", "--allow-config-change"]) == 0
+    (change,) = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").read_text().splitlines()]
+    assert change["step"] == 2 and change["changes"] == {"train.steps": [2, 4]}
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in records)

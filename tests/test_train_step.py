@@ -13,7 +13,7 @@ from test_train_loop import tiny_config, write_tiny_dataset
 
 from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.train import loop
-from eqx_energy.train.model import trainable_spec
+from eqx_energy.train.model import build_model, trainable_spec
 from eqx_energy.train.optim import group_labels, make_optimizer
 from eqx_energy.train.sharding import FSDP, fsdp_shardings, make_mesh, shard_batch
 from eqx_energy.train.step import _loss, init_state, make_train_step
@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
                              batch_size=cfg.data.batch_size, seed=0)
     it = iter(pipeline)
     batches = [jax.tree.map(np.asarray, next(it)) for _ in range(3)]
-    model = loop.build_model(cfg, jax.random.key(0))
+    model = build_model(cfg, jax.random.key(0))
     return cfg, model, batches
 
 

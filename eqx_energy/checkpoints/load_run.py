@@ -5,32 +5,34 @@
     run.model        # RunModel(policy, energy) with the trained (EMA, when the run keeps one) params
     run.transforms   # the run's input/output transforms (norm stats + tokenizer of the run)
 
-The model is built as training built it (`build_model`: openpi weights for the policy when the config
-names a checkpoint, else a fresh init), then the run's trainable leaves are restored over it; in
-energy_only mode the frozen policy is cast to `policy.frozen_dtype`, as in training. Nothing needs the
-dataset: the tokenizer and norm stats come from the run dir (or the paths its config names).
-Errors (CheckpointError) name the path and what to pass instead.
+The config is the one saved in the checkpoint being loaded (the run's `config.yaml` is a readable copy
+of the latest invocation; it is read only for a checkpoint without a saved config, with a warning).
+The model is built exactly as training built it (`train.model.init_model`: the same key derivation,
+openpi weights for the policy when the config names a checkpoint, the frozen cast in energy_only
+mode), then the trainable leaves are restored over it: the EMA (or, with `use_ema=False` or no EMA,
+the raw params) and nothing else; the optimizer state is never read. Nothing needs the dataset: the
+tokenizer and norm stats come from the run dir (or the paths its config names). Errors
+(CheckpointError) name the path and what to pass instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
-import jax
 
-from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, abstract
+from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, abstract, latest_step
 from eqx_energy.data.norm_stats import NormStats, load_norm_stats
 from eqx_energy.data.transforms import Group
 from eqx_energy.policy.tokenizer import PaligemmaTokenizer
-from eqx_energy.train.config import TrainConfig, load_config
-from eqx_energy.train.loop import NORM_STATS_FILE, TOKENIZER_FILE, build_model, run_transforms
-from eqx_energy.train.model import RunModel, cast_frozen, trainable_spec
-from eqx_energy.train.optim import group_labels, make_optimizer
+from eqx_energy.train.config import TrainConfig, from_dict, load_config
+from eqx_energy.train.inputs import CONFIG_COPY_FILE, NORM_STATS_FILE, TOKENIZER_FILE, run_transforms
+from eqx_energy.train.model import RunModel, init_model
 
-CONFIG_FILE = "config.yaml"
+logger = logging.getLogger(__name__)
 
 
 class LoadedRun(NamedTuple):
@@ -50,10 +52,10 @@ def resolve_run(path: str | os.PathLike) -> tuple[Path, int | None]:
         raise CheckpointError(f"--ckpt {path} does not exist; pass a run dir (runs/NAME) or runs/NAME/checkpoints/STEP")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
-    if (path / CONFIG_FILE).is_file():
+    if latest_step(path) is not None:
         return path, None
     raise CheckpointError(
-        f"--ckpt {path} is neither a run dir (no {CONFIG_FILE}) nor a run's checkpoints/<step> dir; "
+        f"--ckpt {path} is neither a run dir (no checkpoints/<step> inside) nor a run's checkpoints/<step> dir; "
         "pass the directory train.py wrote (--run-dir), or one of its checkpoints/<step> subdirectories"
     )
 
@@ -65,31 +67,32 @@ def _asset(configured: str | None, run_dir: Path, name: str, what: str) -> Path:
     return path
 
 
+def _config(saved: dict | None, run_dir: Path, step: int) -> TrainConfig:
+    """The config saved with the checkpoint; config.yaml only when the checkpoint has none."""
+    if saved is not None:
+        return from_dict(TrainConfig, saved, origin=f"the config saved in {run_dir}/checkpoints/{step}")
+    logger.warning("checkpoint %s/checkpoints/%d has no saved config; reading %s instead", run_dir, step,
+                   CONFIG_COPY_FILE)
+    return load_config(TrainConfig, _asset(None, run_dir, CONFIG_COPY_FILE, "config"))
+
+
 def load_run(path: str | os.PathLike, *, use_ema: bool = True) -> LoadedRun:
     """Config, trained model, transforms and norm stats of a run (see the module docstring)."""
     run_dir, step = resolve_run(path)
-    cfg = load_config(TrainConfig, run_dir / CONFIG_FILE)
-    stats = load_norm_stats(_asset(cfg.data.norm_stats, run_dir, NORM_STATS_FILE, "norm stats"))
-    tokenizer = PaligemmaTokenizer(
-        _asset(cfg.policy.tokenizer, run_dir, TOKENIZER_FILE, "tokenizer"), max_len=cfg.policy.model.max_token_len
-    )
-    model = build_model(cfg, jax.random.key(cfg.train.seed))
-    trainable, frozen = eqx.partition(model, trainable_spec(model, cfg.train.mode))
-    if cfg.train.mode == "energy_only":
-        frozen = cast_frozen(frozen, cfg.policy.frozen_dtype)
-    params = eqx.filter(trainable, eqx.is_inexact_array)
-    optimizer = make_optimizer(
-        cfg.optim, group_labels(params), total_steps=cfg.train.steps, energy_warm_steps=cfg.train.energy_warm_steps
-    )
-    opt_template = eqx.filter_eval_shape(optimizer.init, params)
-    has_ema = cfg.optim.ema_decay is not None and use_ema
-    checkpoints = RunCheckpoints(run_dir)
-    try:
-        restored = checkpoints.restore(
-            step, params=abstract(params), opt_state=opt_template, ema=abstract(params) if has_ema else None
+    with RunCheckpoints(run_dir) as checkpoints:
+        saved = checkpoints.restore(step)  # the JSON items only
+        cfg = _config(saved.config, run_dir, saved.step)
+        stats = load_norm_stats(_asset(cfg.data.norm_stats, run_dir, NORM_STATS_FILE, "norm stats"))
+        tokenizer = PaligemmaTokenizer(
+            _asset(cfg.policy.tokenizer, run_dir, TOKENIZER_FILE, "tokenizer"), max_len=cfg.policy.model.max_token_len
         )
-    finally:
-        checkpoints.close()
-    trained = restored.ema if has_ema else restored.params
+        trainable, frozen = init_model(cfg)
+        template = abstract(eqx.filter(trainable, eqx.is_inexact_array))
+        del trainable  # freed before the trained copy is read
+        has_ema = cfg.optim.ema_decay is not None and use_ema
+        if has_ema:
+            trained = checkpoints.restore(saved.step, ema=template).ema
+        else:
+            trained = checkpoints.restore(saved.step, params=template).params
     model = eqx.nn.inference_mode(eqx.combine(trained, frozen))
-    return LoadedRun(cfg, model, run_transforms(cfg, tokenizer, stats), stats, run_dir, restored.step, has_ema)
+    return LoadedRun(cfg, model, run_transforms(cfg, tokenizer, stats), stats, run_dir, saved.step, has_ema)

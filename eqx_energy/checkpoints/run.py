@@ -6,7 +6,8 @@ Items per step: `params` (trainable arrays), `opt_state`, `ema` (when the run ke
 renames it once complete), asynchronous (arrays are copied off the device, then written in the
 background; `wait()` or `close()` blocks until done) and keeps the last `keep` steps. Restoring
 places arrays directly onto the shardings of a template of `jax.ShapeDtypeStruct`s, so nothing
-is initialized first. Errors name the checkpoint path and never delete or overwrite anything.
+is initialized first, and only the items asked for are read (inference reads `ema` or `params`
+alone, never `opt_state`). Errors name the checkpoint path and never delete or overwrite anything.
 
     with RunCheckpoints(run_dir, keep=3) as ckpt:
         if (step := ckpt.latest_step) is not None:
@@ -33,12 +34,14 @@ class CheckpointError(RuntimeError):
 
 
 class Restored(NamedTuple):
+    """A checkpoint's items; an array item is None when no template was given for it."""
+
     step: int
-    params: PyTree
-    opt_state: PyTree
-    ema: PyTree | None  # None when no EMA template was given
+    params: PyTree | None
+    opt_state: PyTree | None
+    ema: PyTree | None
     skipped: int  # non-finite updates skipped before this step
-    config: dict  # the run's config as saved (plain dict)
+    config: dict | None  # the run's config as saved (plain dict); None in a checkpoint without one
     norm_stats: dict | None  # as saved: numpy arrays come back as lists
 
 
@@ -156,12 +159,14 @@ class RunCheckpoints:
         self,
         step: int | None = None,
         *,
-        params: PyTree,
-        opt_state: PyTree,
+        params: PyTree | None = None,
+        opt_state: PyTree | None = None,
         ema: PyTree | None = None,
         data_iter: Iterator | None = None,
     ) -> Restored:
-        """Restore `step` (None: the latest) onto templates of ShapeDtypeStructs (see `abstract`).
+        """Restore `step` (None: the latest): the array items given a template of ShapeDtypeStructs
+        (see `abstract`), the JSON items always. Items without a template are not read at all, so
+        inference restores `ema` (or `params`) and never the optimizer state.
 
         Arrays land on each template leaf's sharding and dtype; `data_iter` is moved in place to
         the saved position. Raises CheckpointError naming the path if it is missing or unreadable.
@@ -176,25 +181,17 @@ class RunCheckpoints:
                 f"checkpoint {path} does not exist; available steps: {self.steps or 'none'}"
             )
         present = {p.name for p in path.iterdir() if p.is_dir()}
-        needed = {"params", "opt_state", "config", "meta"} | ({"ema"} if ema is not None else set())
-        needed |= {"data"} if data_iter is not None else set()
-        if missing := sorted(needed - present):
+        templates = {"params": params, "opt_state": opt_state, "ema": ema}
+        items = {name: ocp.args.StandardRestore(_with_sharding(t)) for name, t in templates.items() if t is not None}
+        items["meta"] = ocp.args.JsonRestore()
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if missing := sorted(set(items) - present):
             raise CheckpointError(
                 f"checkpoint {path} is incomplete or from a different setup: missing {', '.join(missing)} "
                 f"(has {', '.join(sorted(present)) or 'nothing'}); it was left untouched"
             )
-        items = {
-            "params": ocp.args.StandardRestore(_with_sharding(params)),
-            "opt_state": ocp.args.StandardRestore(_with_sharding(opt_state)),
-            "config": ocp.args.JsonRestore(),
-            "meta": ocp.args.JsonRestore(),
-        }
-        if ema is not None:
-            items["ema"] = ocp.args.StandardRestore(_with_sharding(ema))
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        if "norm_stats" in present:
-            items["norm_stats"] = ocp.args.JsonRestore()
+        items |= {name: ocp.args.JsonRestore() for name in ("config", "norm_stats") if name in present}
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax, tensorstore, json and grain raise many types
@@ -207,13 +204,8 @@ class RunCheckpoints:
         if meta.get("step") != step:
             raise CheckpointError(f"checkpoint {path} records step {meta.get('step')}, expected {step}")
         return Restored(
-            step=step,
-            params=out["params"],
-            opt_state=out["opt_state"],
-            ema=out["ema"] if ema is not None else None,
-            skipped=int(meta["skipped"]),
-            config=out["config"],
-            norm_stats=out["norm_stats"] if "norm_stats" in present else None,
+            step=step, skipped=int(meta["skipped"]),
+            **{k: out[k] if k in items else None for k in ("params", "opt_state", "ema", "config", "norm_stats")},
         )
 
     def wait(self) -> None:

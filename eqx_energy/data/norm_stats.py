@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from eqx_energy._files import atomic_write
+
 _BINS = 5000
 _FILE = "norm_stats.json"
 
@@ -124,14 +126,13 @@ def _as_list(x: np.ndarray | None) -> list[float] | None:
 
 
 def save_norm_stats(stats: Mapping[str, NormStats], path: str | pathlib.Path) -> pathlib.Path:
-    """Write openpi's norm_stats.json (indent 2) to `path`, a directory or a .json file; returns the file."""
+    """Write openpi's norm_stats.json (indent 2) to `path`, a directory or a .json file, atomically;
+    returns the file."""
     path = pathlib.Path(path)
     file = path if path.suffix == ".json" else path / _FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
     body = {"norm_stats": {k: {f.name: _as_list(getattr(s, f.name)) for f in dataclasses.fields(NormStats)}
                            for k, s in stats.items()}}
-    file.write_text(json.dumps(body, indent=2), encoding="utf-8")
-    return file
+    return atomic_write(file, json.dumps(body, indent=2))
 
 
 def _find(path: pathlib.Path, asset_id: str | None) -> pathlib.Path:

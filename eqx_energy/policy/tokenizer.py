@@ -22,6 +22,8 @@ import numpy as np
 import sentencepiece as spm
 from jaxtyping import Bool, Float, Int
 
+from eqx_energy._files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, voca
     may come out smaller than `vocab_size`. `state_pieces` makes each discrete-state bin (-1..255) one
     piece (vocab_size >= 512 then): PaliGemma's tokenizer splits numbers into digits, which a 2B model reads
     fine, but a CPU-sized model learns the state far faster from one token per value.
-    Returns the path of the written `.model` file.
+    Returns the path of the `.model` file, written atomically.
     """
     if state_pieces and vocab_size < 512:
         raise ValueError(f"state_pieces needs vocab_size >= 512 (257 bin pieces + the text's); got {vocab_size}")
@@ -90,8 +92,6 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, voca
         raise ValueError("train_sentencepiece needs at least one non-empty text; got none")
     # The discrete-state format's fixed words, so Pi0.5-style prompts tokenize without unk.
     corpus += ["Task: , State: ;", "Action: ", " ".join(_STATE_BINS)]
-    out_path = pathlib.Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),
@@ -111,5 +111,4 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | pathlib.Path, voca
         num_threads=1,
         minloglevel=2,
     )
-    out_path.write_bytes(model.getvalue())
-    return out_path
+    return atomic_write(out_path, model.getvalue())

@@ -10,6 +10,18 @@
 openpi's LIBERO client sends `observation/image`, `observation/wrist_image`, `observation/state`
 (its repack step's names): the `observation/` prefix is dropped on the way in, so that client
 works unchanged against a run trained on the LeRobot LIBERO keys.
+
+Every observation is checked against the run's schema (`observation_schema`, published in the
+metadata) before any transform, and the actions after: a robot must never get actions computed
+from a misread observation, nor non-finite or mis-shaped ones.
+
+    camera keys  uint8 (H, W, 3), any 1 <= H, W <= MAX_IMAGE_SIDE (resized with pad to the model's size)
+    state key    float (state_dim,), finite; state_dim is the run's (its norm stats')
+    "prompt"     str
+
+Keys outside the schema are ignored (openpi's transforms ignore them too). A violation raises
+`ObservationError` naming the key, what was expected and what arrived; bad actions raise
+`ActionError`.
 """
 
 from __future__ import annotations
@@ -26,15 +38,63 @@ from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.correct import CorrectionConfig, correct
 from eqx_energy.data.transforms import Compose
 from eqx_energy.policy.pi0 import Observation
-from eqx_energy.train.loop import model_inputs
+from eqx_energy.train.inputs import model_inputs
 
 Perturb = Callable[[np.ndarray], np.ndarray]
 _OPENPI_PREFIX = "observation/"
+MAX_IMAGE_SIDE = 4096
+
+
+class ObservationError(ValueError):
+    """An observation that does not match the served run's schema."""
+
+
+class ActionError(RuntimeError):
+    """The policy computed actions it must not return (non-finite or mis-shaped)."""
+
+
+def observation_schema(run: LoadedRun) -> dict[str, dict[str, Any]]:
+    """{key: {"shape": [...], "dtype": ...}} of what the run reads; None in a shape is any size."""
+    data = run.cfg.data
+    if "state" not in run.norm_stats:
+        raise ValueError(f"the run's norm stats have no 'state' entry (keys {sorted(run.norm_stats)}), so its "
+                         f"state dim is unknown; recompute the norm stats of {run.run_dir.name}")
+    schema: dict[str, dict[str, Any]] = {k: {"shape": [None, None, 3], "dtype": "uint8"}
+                                         for k in (data.image_key, data.wrist_key) if k}
+    schema[data.state_key] = {"shape": [len(run.norm_stats["state"].mean)], "dtype": "float32"}
+    schema["prompt"] = {"shape": [], "dtype": "str"}
+    return schema
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return f"a {type(value).__name__}"
+
+
+def _check_value(key: str, value: Any, spec: dict[str, Any]) -> None:
+    """Raise ObservationError unless `value` matches the schema entry `spec` of `key`."""
+    if spec["dtype"] == "str":
+        if not isinstance(value, str):
+            raise ObservationError(f"observation {key!r}: expected a str, got {_describe(value)}")
+        return
+    image = spec["dtype"] == "uint8"
+    expected = (f"a uint8 array of shape (H, W, 3), 1 <= H, W <= {MAX_IMAGE_SIDE}" if image
+                else f"a float array of shape {tuple(spec['shape'])}")
+    ok = isinstance(value, np.ndarray) and value.ndim == len(spec["shape"])
+    if ok and image:
+        ok = value.dtype == np.uint8 and value.shape[2] == 3 and all(1 <= n <= MAX_IMAGE_SIDE for n in value.shape[:2])
+    elif ok:
+        ok = value.dtype.kind == "f" and list(value.shape) == spec["shape"]
+    if not ok:
+        raise ObservationError(f"observation {key!r}: expected {expected}, got {_describe(value)}")
+    if not image and not np.all(np.isfinite(value)):
+        raise ObservationError(f"observation {key!r}: expected finite values, got {value.tolist()}")
 
 
 def _dataset_keys(obs: dict) -> dict:
     """openpi client keys (`observation/image`) -> the run's dataset keys (`image`)."""
-    return {k.removeprefix(_OPENPI_PREFIX): v for k, v in obs.items()}
+    return {k.removeprefix(_OPENPI_PREFIX) if isinstance(k, str) else k: v for k, v in obs.items()}
 
 
 class EnergyPolicy:
@@ -43,6 +103,7 @@ class EnergyPolicy:
 
     run: LoadedRun
     correction: CorrectionConfig
+    schema: dict[str, dict[str, Any]]
     metadata: dict
 
     def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0):
@@ -54,14 +115,16 @@ class EnergyPolicy:
         self._calls = 0
         model = run.cfg.policy.model
         cameras = [k for k in (run.cfg.data.image_key, run.cfg.data.wrist_key) if k]  # [] = state-only
+        self.schema = observation_schema(run)
         self.metadata = {
             "policy": "eqx_energy",
-            "run_dir": str(run.run_dir),
+            "run": run.run_dir.name,  # the name only: a client has no business with the server's paths
             "step": run.step,
             "action_horizon": model.action_horizon,
             "action_dim": run.cfg.data.action_dim,
             "camera_keys": cameras,
-            "observation_keys": [*cameras, run.cfg.data.state_key, "prompt"],
+            "observation_keys": list(self.schema),
+            "observation_schema": self.schema,
             "correction": {"steps": self.correction.steps, "alpha": float(self.correction.alpha),
                            "clip_frac": float(self.correction.clip_frac), "first_only": self.correction.first_only},
         }
@@ -75,14 +138,9 @@ class EnergyPolicy:
         """b observations in one call -> {"actions": (b, h, action_dim), "policy_timing": {...}}."""
         if not observations:
             raise ValueError("infer_batch needs at least one observation; got an empty list")
+        observations = [self.check_observation(obs) for obs in observations]  # before any transform
         start = time.monotonic()
-        examples = []
-        for obs in observations:
-            if not isinstance(obs, dict) or "prompt" not in obs:
-                raise ValueError(f"an observation must be a dict with a 'prompt' and keys "
-                                 f"{self.metadata['observation_keys']}; got {sorted(obs) if isinstance(obs, dict) else type(obs)}")
-            example = self._inputs({k: v for k, v in obs.items() if k != "actions"})
-            examples.append(model_inputs(example))
+        examples = [model_inputs(self._inputs(obs)) for obs in observations]
         batch = jax.tree.map(lambda *xs: np.stack(xs), *examples)
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1
@@ -102,7 +160,32 @@ class EnergyPolicy:
         padded = np.asarray(actions)
         out = [self._outputs({"state": batch["state"][i], "actions": padded[i]})["actions"] for i in range(len(padded))]
         timing["infer_ms"] = (time.monotonic() - start) * 1000
-        return {"actions": np.stack(out).astype(np.float32), "policy_timing": timing}
+        return {"actions": self.check_actions(np.stack(out).astype(np.float32), len(observations)), "policy_timing": timing}
+
+    def check_observation(self, obs: Any) -> dict:
+        """`obs` cut to the schema's keys, once every one matches (else ObservationError)."""
+        if not isinstance(obs, dict):
+            raise ObservationError(f"an observation must be a dict with the keys {list(self.schema)}; "
+                                   f"got {_describe(obs)}")
+        missing = [k for k in self.schema if k not in obs]
+        if missing:
+            raise ObservationError(f"observation is missing {missing}: expected the keys {list(self.schema)} "
+                                   f"(metadata['observation_schema']), got {sorted(map(str, obs))}")
+        for key, spec in self.schema.items():
+            _check_value(key, obs[key], spec)
+        return {k: obs[k] for k in self.schema}
+
+    def check_actions(self, actions: np.ndarray, b: int) -> np.ndarray:
+        """`actions` when they are finite and (b, h, action_dim), else ActionError (never sent to a robot)."""
+        expected = (b, self.run.cfg.policy.model.action_horizon, self.run.cfg.data.action_dim)
+        if actions.shape != expected:
+            raise ActionError(f"the policy computed actions of shape {actions.shape}, expected (b, h, action_dim) = "
+                              f"{expected}; the run's transforms do not fit its config")
+        bad = np.flatnonzero(~np.isfinite(actions).all(axis=(1, 2)))
+        if bad.size:
+            raise ActionError(f"the policy computed non-finite actions for observation(s) {bad.tolist()} of {b}; "
+                              "refusing to return them")
+        return actions
 
 
 def correction_from(run: LoadedRun, *, steps: int | None = None, alpha: float | None = None,

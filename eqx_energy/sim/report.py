@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from eqx_energy._files import atomic_write
+
 Z95 = 1.959963984540054  # Phi^-1(0.975)
 
 
@@ -161,8 +163,8 @@ def write_report(runs: "EvalResult | Mapping[str, EvalResult]", out_dir: str | o
     runs, out = _as_runs(runs), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "success.png"}
-    paths["json"].write_text(json.dumps({name: r.to_json() for name, r in runs.items()}, indent=1) + "\n")
-    paths["markdown"].write_text(markdown_table(runs))
+    atomic_write(paths["json"], json.dumps({name: r.to_json() for name, r in runs.items()}, indent=1) + "\n")
+    atomic_write(paths["markdown"], markdown_table(runs))
     plot_success(runs, paths["png"])
     return paths
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from eqx_energy._files import atomic_write
 from eqx_energy.correct import CorrectionConfig
 from eqx_energy.energy import EnergyConfig
 from eqx_energy.policy.pi0 import Pi0Config
@@ -469,8 +470,5 @@ def dump_config(config: Any) -> str:
 
 
 def write_config(config: Any, path: str | os.PathLike) -> None:
-    """Write `dump_config(config)` to `path` atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_config(config))
-    os.replace(tmp, path)
+    """Write `dump_config(config)` to `path` atomically."""
+    atomic_write(path, dump_config(config))

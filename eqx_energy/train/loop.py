@@ -2,13 +2,17 @@
 
 Order matters for the user: every path is checked before anything is compiled, a run dir with
 checkpoints is resumed (the data iterator included, so the batch sequence continues exactly),
-and nothing already saved is overwritten.
+and nothing already saved is overwritten. A resume whose config differs from the one saved in the
+latest checkpoint is refused with the diff unless `allow_config_change`; an allowed change is
+appended to `<run_dir>/config_changes.jsonl` ({"step", "time", "changes": {key: [old, new]}}).
+The config saved in every checkpoint is the run's record; `config.yaml` is a copy for reading.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +20,23 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from eqx_energy.checkpoints.openpi import load_openpi_params
+from eqx_energy._files import atomic_write
 from eqx_energy.checkpoints.run import RunCheckpoints, abstract, latest_step
-from eqx_energy.data.norm_stats import NormStats, compute_norm_stats, load_norm_stats, save_norm_stats
 from eqx_energy.data.pipeline import make_pipeline
-from eqx_energy.data.source import LeRobotSource, holdout_episodes
-from eqx_energy.data.transforms import Compose, DeltaActions, Group, LiberoInputs, make_bool_mask, policy_transforms
-from eqx_energy.energy import EnergyModel
-from eqx_energy.policy.pi0 import Pi0, init_pi0
-from eqx_energy.policy.tokenizer import PaligemmaTokenizer, train_sentencepiece
-from eqx_energy.train.config import ConfigError, TrainConfig, to_dict, write_config
+from eqx_energy.data.source import holdout_episodes
+from eqx_energy.data.transforms import Compose
+from eqx_energy.train.config import ConfigError, TrainConfig, from_dict, to_dict, write_config
+from eqx_energy.train.inputs import CONFIG_COPY_FILE, HOLDOUT_FILE, build_inputs, model_inputs
 from eqx_energy.train.metrics import DataWaitTimer, MetricsLogger
-from eqx_energy.train.model import RunModel, cast_frozen, trainable_spec
+from eqx_energy.train.model import init_model, run_keys
 from eqx_energy.train.optim import group_labels, make_optimizer
 from eqx_energy.train.sharding import fsdp_shardings, make_mesh, replicated, shard_batch
 from eqx_energy.train.step import TrainState, init_state, make_train_step
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUT_KEYS = ("image", "image_mask", "state", "tokenized_prompt", "tokenized_prompt_mask", "actions")
-TOKENIZER_FILE = "tokenizer.model"
-NORM_STATS_FILE = "norm_stats.json"
-HOLDOUT_FILE = "holdout_episodes.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"  # one line per resume that changed the config
+_UNCHECKED_KEYS = ("run_dir",)  # where the run lives, not what it computes
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -73,94 +72,33 @@ def check_paths(cfg: TrainConfig) -> None:
         )
 
 
-def _tokenizer(cfg: TrainConfig, source: LeRobotSource, run_dir: Path) -> PaligemmaTokenizer:
-    """The configured sentencepiece model, or one trained on the dataset's task strings (kept in the run)."""
-    path = Path(cfg.policy.tokenizer) if cfg.policy.tokenizer else run_dir / TOKENIZER_FILE
-    if not path.exists():
-        train_sentencepiece(list(source.tasks.values()), path, vocab_size=cfg.policy.model.vocab_size,
-                            state_pieces=cfg.data.discrete_state and cfg.policy.model.vocab_size >= 512)
-    return PaligemmaTokenizer(path, max_len=cfg.policy.model.max_token_len)
-
-
-def _norm_stats(cfg: TrainConfig, run_dir: Path) -> dict[str, NormStats]:
-    """Configured stats, else the run's own, else computed over the training split (after delta actions;
-    read without images, which the stats never use)."""
-    if cfg.data.norm_stats:
-        return load_norm_stats(cfg.data.norm_stats)
-    path = run_dir / NORM_STATS_FILE
-    if path.exists():
-        return load_norm_stats(path)
-    steps = [lambda x: {"state": np.asarray(x[cfg.data.state_key]), "actions": np.asarray(x["actions"])}]
-    if cfg.data.delta_dims:
-        mask = make_bool_mask(cfg.data.delta_dims, -(cfg.data.action_dim - cfg.data.delta_dims))
-        steps.append(DeltaActions(mask))
-    stats_source = LeRobotSource(
-        cfg.data.root, cfg.policy.model.action_horizon, split="train", images=False,
-        holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed,
-    )
-    stats = compute_norm_stats((Compose(tuple(steps))(stats_source[i]) for i in range(len(stats_source))))
-    save_norm_stats(stats, path)
-    return stats
-
-
-def build_inputs(cfg: TrainConfig, run_dir: Path, *, split: str = "train"):
-    """(source, transforms Group, norm stats) of the run's dataset split."""
-    source = LeRobotSource(
-        cfg.data.root, cfg.policy.model.action_horizon, split=split, images=cfg.data.image_key is not None,
-        holdout_fraction=cfg.data.holdout_fraction, holdout_seed=cfg.data.holdout_seed,
-    )
-    stats = _norm_stats(cfg, run_dir)
-    return source, run_transforms(cfg, _tokenizer(cfg, source, run_dir), stats), stats
-
-
-def run_transforms(cfg: TrainConfig, tokenizer: PaligemmaTokenizer, stats: dict[str, NormStats]) -> Group:
-    """The run's transform chain: openpi's LIBERO inputs/outputs with the run's keys and sizes."""
-    return policy_transforms(
-        norm_stats=stats,
-        tokenizer=tokenizer,
-        action_dim=cfg.data.action_dim,
-        pi05=cfg.policy.model.pi05,
-        delta_dims=cfg.data.delta_dims,
-        image_size=cfg.policy.model.image_resolution,
-        model_action_dim=cfg.policy.model.action_dim,
-        discrete_state=cfg.data.discrete_state,
-        use_quantiles=cfg.data.quantile_norm,
-        keys=LiberoInputs(base_key=cfg.data.image_key, wrist_key=cfg.data.wrist_key, state_key=cfg.data.state_key),
-    )
-
-
-def model_inputs(example: dict[str, Any]) -> dict[str, Any]:
-    """Only the arrays the train step reads (drops strings and bookkeeping; a state-only run has no images)."""
-    return {k: example[k] for k in MODEL_INPUT_KEYS if k in example}
-
-
-def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
-    """The policy (from the openpi checkpoint, or freshly initialized) and a fresh energy head."""
-    policy_key, energy_key = jax.random.split(key)
-    if cfg.policy.checkpoint:
-        policy: Pi0 = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model)
-    else:
-        policy = init_pi0(cfg.policy.model, key=policy_key)
-    return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key))
-
-
-def run(cfg: TrainConfig, run_dir: str | Path, *, restart: bool = False, progress: bool | None = None) -> Path:
-    """Train; returns the run dir. Resumes from the run dir's latest checkpoint unless `restart`."""
+def run(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    new_run: bool = False,
+    allow_config_change: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Train; returns the run dir. Resumes from the run dir's latest checkpoint; `new_run` refuses a run
+    dir that has checkpoints instead."""
     run_dir = Path(run_dir)
     check_paths(cfg)
-    if restart and (existing := latest_step(run_dir)) is not None:  # checked before anything is created
-        raise ConfigError(
-            f"--restart given but {run_dir} already has checkpoints (latest step {existing}); "
-            "choose a new --run-dir, or drop --restart to resume"
-        )
+    if (existing := latest_step(run_dir)) is not None:  # checked before anything is created or written
+        if new_run:
+            raise ConfigError(
+                f"--new-run given but {run_dir} already has checkpoints (latest step {existing}); "
+                "choose a new --run-dir, or drop --new-run to resume it"
+            )
+        _check_config_change(run_dir, existing, cfg, allow=allow_config_change)
     checkpoints = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir / "config.yaml")
-    model_key, train_key = jax.random.split(jax.random.key(cfg.train.seed))
+    write_config(cfg, run_dir / CONFIG_COPY_FILE)
+    train_key = run_keys(cfg.train.seed)[1]  # init_model builds the model from the other half
 
     source, transforms, stats = build_inputs(cfg, run_dir)
     holdout = holdout_episodes(source.info["total_episodes"], cfg.data.holdout_fraction, cfg.data.holdout_seed)
-    (run_dir / HOLDOUT_FILE).write_text(json.dumps([int(e) for e in holdout]))
+    atomic_write(run_dir / HOLDOUT_FILE, json.dumps([int(e) for e in holdout]))
     pipeline = make_pipeline(
         source, Compose((*transforms.inputs, model_inputs)), batch_size=cfg.data.batch_size,
         seed=cfg.train.seed, workers=cfg.data.workers,
@@ -168,11 +106,8 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, restart: bool = False, progres
     )
     data_iter = iter(pipeline)
 
-    model = build_model(cfg, model_key)
+    trainable, frozen = init_model(cfg)
     mode = cfg.train.mode
-    trainable, frozen = eqx.partition(model, trainable_spec(model, mode))
-    if mode == "energy_only":
-        frozen = cast_frozen(frozen, cfg.policy.frozen_dtype)
     params = eqx.filter(trainable, eqx.is_inexact_array)
     optimizer = make_optimizer(
         cfg.optim, group_labels(params), total_steps=cfg.train.steps, energy_warm_steps=cfg.train.energy_warm_steps
@@ -220,6 +155,56 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, restart: bool = False, progres
                 )
     checkpoints.close()
     return run_dir
+
+
+def _check_config_change(run_dir: Path, step: int, cfg: TrainConfig, *, allow: bool) -> None:
+    """Refuse to resume with a config other than the one saved at `step`, unless `allow`; an allowed
+    change is logged in the run."""
+    with RunCheckpoints(run_dir) as checkpoints:
+        saved = checkpoints.restore(step).config
+    if saved is None:
+        changes = {"<config>": ["<not saved in the checkpoint>", "<this config>"]}
+    else:
+        changes = config_diff(saved, to_dict(cfg))
+    if not changes:
+        return
+    shown = "; ".join(f"{key}: {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changes.items())
+    if not allow:
+        raise ConfigError(
+            f"{run_dir} was trained to step {step} with a different config ({shown}); resume with the same "
+            "config, pass --allow-config-change to continue with this one (logged in the run), or choose a new --run-dir"
+        )
+    logger.warning("resuming %s at step %d with a changed config: %s", run_dir, step, shown)
+    log = run_dir / CONFIG_CHANGES_FILE
+    earlier = log.read_text() if log.exists() else ""
+    atomic_write(log, earlier + json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
+
+
+def config_diff(saved: dict, current: dict) -> dict[str, list]:
+    """{dotted key: [saved value, current value]} for every key whose value differs (absent: None),
+    except `_UNCHECKED_KEYS`. The saved dict is read through TrainConfig first, so keys added since it
+    was written compare as their defaults."""
+    try:
+        saved = to_dict(from_dict(TrainConfig, saved, origin="the checkpoint's saved config"))
+    except ValueError:  # a key since renamed or removed: compare the raw dicts, which shows it
+        pass
+    old, new = _flatten(saved), _flatten(current)
+    return {
+        key: [old.get(key), new.get(key)]
+        for key in sorted(old.keys() | new.keys())
+        if key not in _UNCHECKED_KEYS and old.get(key) != new.get(key)
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}; lists are leaves."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _place(tree, mesh):

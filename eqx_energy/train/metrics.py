@@ -11,7 +11,8 @@ optional wandb, and PNG plots of the main curves at the end.
     # close() wrote <run_dir>/plots/*.png
 
 Only process 0 writes. Resuming at `start_step` drops JSONL lines after it (they belong to the
-interrupted stretch that is about to be redone), so the file matches an uninterrupted run.
+interrupted stretch that is about to be redone), and a last line cut short by a kill, so the file
+matches an uninterrupted run.
 """
 
 import json
@@ -26,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 from tqdm.auto import tqdm
+
+from eqx_energy._files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +83,20 @@ def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, int | float]]:
-    """The records of a metrics JSONL file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics JSONL file, in order. A last line cut short (the writer was killed
+    mid-line) is dropped with a warning; a bad line anywhere else raises ValueError."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({err}); the metrics file is corrupt") from err
+            logger.warning("%s: dropping its last line, cut short (%d chars): %s", path, len(line), err)
+    return records
 
 
 class MetricsLogger:
@@ -127,9 +141,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _start_wandb(self, config: Mapping[str, Any] | None) -> Any:
         try:

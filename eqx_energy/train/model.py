@@ -1,4 +1,5 @@
-"""A run's model: the policy and the energy head as siblings, and the mode's trainable filter.
+"""A run's model: the policy and the energy head as siblings, the mode's trainable filter, and
+the one way a run builds it (`init_model`), which training and `load_run` both call.
 
 The openpi loader fills `policy`; the energy head is fresh or comes from our checkpoint.
 Trainable vs frozen is an `eqx.partition` filter spec over this container, built from the mode
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from eqx_energy.checkpoints.openpi import load_openpi_params
 from eqx_energy.energy import EnergyModel
-from eqx_energy.policy.pi0 import Pi0
+from eqx_energy.policy.pi0 import Pi0, init_pi0
+from eqx_energy.train.config import TrainConfig
 
 Mode = Literal["energy_only", "joint", "monitor"]
 
@@ -51,3 +54,31 @@ def cast_frozen(frozen: RunModel, dtype: str | None) -> RunModel:
     target = jnp.dtype(dtype)
     policy = jax.tree.map(lambda x: x.astype(target) if eqx.is_inexact_array(x) else x, frozen.policy)
     return eqx.tree_at(lambda m: m.policy, frozen, policy, is_leaf=lambda x: x is None)
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(model_key, train_key): a run's seed split once. The model is built from model_key; step n's
+    key is fold_in(train_key, n)."""
+    model_key, train_key = jax.random.split(jax.random.key(seed))
+    return model_key, train_key
+
+
+def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
+    """The policy (from the openpi checkpoint, or freshly initialized) and a fresh energy head."""
+    policy_key, energy_key = jax.random.split(key)
+    if cfg.policy.checkpoint:
+        policy: Pi0 = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model)
+    else:
+        policy = init_pi0(cfg.policy.model, key=policy_key)
+    return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key))
+
+
+def init_model(cfg: TrainConfig) -> tuple[RunModel, RunModel]:
+    """(trainable, frozen): `build_model` from `run_keys(cfg.train.seed)`, partitioned by
+    `train.mode`; in energy_only mode the frozen policy is cast to `policy.frozen_dtype`. A resumed
+    or served run rebuilds the frozen half bit for bit from this and restores the trainable half."""
+    model = build_model(cfg, run_keys(cfg.train.seed)[0])
+    trainable, frozen = eqx.partition(model, trainable_spec(model, cfg.train.mode))
+    if cfg.train.mode == "energy_only":
+        frozen = cast_frozen(frozen, cfg.policy.frozen_dtype)
+    return trainable, frozen
