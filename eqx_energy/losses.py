@@ -60,13 +60,22 @@ def pairwise_energies(
     return energies.reshape(batch, batch)
 
 
+def _logits(energies: Float[Array, "b m"], tau) -> Float[Array, "b m"]:
+    return jnp.clip(-energies / tau, -LOGIT_CLAMP, LOGIT_CLAMP)
+
+
 def _cross_entropy_metrics(energies: Float[Array, "b m"], tau, positive_index) -> tuple[Scalar, Metrics]:
     """CE over logits clip(-E/tau, ±50) with the positive at `positive_index` (b,) per row."""
-    logits = jnp.clip(-energies / tau, -LOGIT_CLAMP, LOGIT_CLAMP)
+    logits = _logits(energies, tau)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, positive_index))
+    return loss, _metrics(loss, energies, logits, positive_index)
+
+
+def _metrics(loss, energies: Float[Array, "b m"], logits: Float[Array, "b m"], positive_index) -> Metrics:
+    """METRIC_KEYS for energies whose positive sits at `positive_index` (b,) of each row."""
     is_positive = jax.nn.one_hot(positive_index, energies.shape[1], dtype=bool)
     num_neg = energies.shape[0] * (energies.shape[1] - 1)
-    metrics = {
+    return {
         "loss": loss,
         "e_pos": jnp.sum(jnp.where(is_positive, energies, 0.0)) / energies.shape[0],
         "e_neg": jnp.sum(jnp.where(is_positive, 0.0, energies)) / max(num_neg, 1),
@@ -75,7 +84,6 @@ def _cross_entropy_metrics(energies: Float[Array, "b m"], tau, positive_index) -
         "logit_max": jnp.max(logits),
         "energy_std": jnp.std(energies),
     }
-    return loss, metrics
 
 
 def infonce_inbatch(
@@ -238,3 +246,141 @@ def mixed(
         "loss_diversity": diversity,
         "e_neg_explicit": hinge_metrics["e_neg"],
     }
+
+
+# ------------------------------------------------------------------ policy-sample candidates (issue 12)
+#
+# At inference the energy ranks the policy's own samples in one context (best-of-N selection) or
+# steers them inside the flow, so these losses train it on exactly that: per frame, the candidates
+# are {a* (index 0), K policy samples}, and the target order is the distance to the expert,
+# d_k = ||a_k - a*||² summed over the chunk's h steps and a dims.
+
+
+def squared_distances(candidates: Float[Array, "b m h a"], expert: BatchActions) -> Float[Array, "b m"]:
+    """d_k = sum_{t,j} (a_k - a*)²_{tj}: each candidate's squared distance to the expert chunk."""
+    return jnp.sum(jnp.square(candidates - expert[:, None]), axis=(2, 3))
+
+
+def noise_to_time(
+    key: PRNGKeyArray, candidates: Float[Array, "b m h a"], t: Float[Array, " b"]
+) -> Float[Array, "b m h a"]:
+    """x_t = t eps + (1 - t) a, eps ~ N(0, I) per candidate, one t per frame (openpi's convention:
+    t = 1 is noise, t = 0 the clean chunk)."""
+    eps = jax.random.normal(key, candidates.shape, candidates.dtype)
+    t = t[:, None, None, None]
+    return t * eps + (1.0 - t) * candidates
+
+
+def candidate_energies(
+    model: EnergyModel,
+    context: BatchContext,
+    context_mask: BatchContextMask,
+    candidates: Float[Array, "b m h a"],
+    *,
+    t: Float[Array, " b"] | None = None,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> Float[Array, "b m"]:
+    """E(c_i, a_ik) (at noise level t_i when given), each context encoded once."""
+    b, m = candidates.shape[:2]
+    encodings = jax.vmap(model.encode_context)(context, context_mask)
+    keys = None if key is None else jax.random.split(key, (b, m))
+    times = {} if t is None else {"t": t}
+
+    def frame(enc, cands, ks, **time):
+        score = lambda a, k: model.score(enc, a, key=k, inference=inference, **time)  # noqa: E731
+        return jax.vmap(score)(cands, ks)
+
+    return jax.vmap(frame)(encodings, candidates, keys, **times)
+
+
+def _candidates_and_energies(model, context, actions, context_mask, samples, t, key, inference):
+    """(candidates [a*, samples] (b m h a), their distances to a* (b m), energies (b m))."""
+    if samples.shape[0] != actions.shape[0] or samples.shape[2:] != actions.shape[1:]:
+        raise ValueError(
+            f"samples must be (b k h a) = (b, k, {', '.join(map(str, actions.shape[1:]))}) to match "
+            f"actions (b h a) {actions.shape}, got {samples.shape}; slice policy samples to [..., :action_dim]"
+        )
+    candidates = jnp.concatenate([actions[:, None], samples.astype(actions.dtype)], axis=1)
+    distances = squared_distances(candidates, actions)
+    noise_key, drop_key = _split_or_none(key, 2)
+    if t is not None:
+        if noise_key is None:
+            raise ValueError("noised candidates (t given) need a key for the noise draws; pass key=")
+        candidates = noise_to_time(noise_key, candidates, t)
+    energies = candidate_energies(model, context, context_mask, candidates, t=t, key=drop_key, inference=inference)
+    return distances, energies
+
+
+def _selection_metrics(energies: Float[Array, "b m"], distances: Float[Array, "b m"], chunk_size: int) -> Metrics:
+    """How the energy would select among the policy samples (index 1..): agreement of its argmin with
+    the nearest sample's, and the per-element squared distance of its pick vs a random sample's."""
+    pick = jnp.argmin(energies[:, 1:], axis=1)
+    nearest = jnp.argmin(distances[:, 1:], axis=1)
+    picked = jnp.take_along_axis(distances[:, 1:], pick[:, None], axis=1)
+    return {
+        "select_agreement": jnp.mean(pick == nearest).astype(jnp.float32),
+        "select_mse": jnp.mean(picked) / chunk_size,
+        "sample_mse": jnp.mean(distances[:, 1:]) / chunk_size,
+    }
+
+
+def policy_softmax(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    samples: Float[Array, "b k h a"],
+    *,
+    tau: float | Float[Array, ""],
+    beta: float | Float[Array, ""],
+    t: Float[Array, " b"] | None = None,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[Scalar, Metrics]:
+    """Soft-target cross-entropy over {a*, K policy samples} (CEP, Lu et al. 2023, arXiv 2304.12824):
+
+        q_ik = softmax_k(-beta d_ik),  logits_ik = clip(-E(c_i, a_ik) / tau, ±50),
+        loss = mean_i CE(logits_i, q_i) = -mean_i sum_k q_ik log softmax(logits_i)_k
+
+    d_ik = ||a_ik - a*_i||² (a* itself has d = 0, so it carries the largest target). With `t` (b,)
+    every candidate of frame i is noised to t_i (`noise_to_time`, targets from the clean chunks)
+    and E is called with t: the time-conditioned energy that guided sampling queries inside the flow.
+    `key` draws the noise and the dropout. samples: the policy's K chunks, first `action_dim` dims.
+    """
+    distances, energies = _candidates_and_energies(model, context, actions, context_mask, samples, t, key, inference)
+    targets = jax.nn.softmax(-beta * distances, axis=1)
+    logits = _logits(energies, tau)
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    metrics = _metrics(loss, energies, logits, jnp.zeros(actions.shape[0], jnp.int32))
+    return loss, {**metrics, **_selection_metrics(energies, distances, actions.shape[1] * actions.shape[2])}
+
+
+def policy_ranking(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    samples: Float[Array, "b k h a"],
+    *,
+    tau: float | Float[Array, ""],
+    weighted: bool = False,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[Scalar, Metrics]:
+    """Pairwise Bradley-Terry ranking by distance to the expert (RoboMonkey, Kwok et al. 2025,
+    arXiv 2506.17811), over every ordered pair of the candidates {a*, K policy samples}:
+
+        loss = sum_{i,j,k} w_ijk softplus(-(E_ik - E_ij) / tau) / sum w_ijk,
+        w_ijk = [d_ij < d_ik] (times d_ik - d_ij when `weighted`)
+
+    i.e. -log sigmoid((E_k - E_j)/tau) wherever candidate j is nearer the expert than k.
+    Logits in the metrics are clip(-E/tau, ±50).
+    """
+    distances, energies = _candidates_and_energies(model, context, actions, context_mask, samples, None, key, inference)
+    gap = distances[:, None, :] - distances[:, :, None]  # [i, j, k] = d_ik - d_ij
+    weights = jnp.where(gap > 0, gap if weighted else 1.0, 0.0)
+    margins = (energies[:, None, :] - energies[:, :, None]) / tau  # E_ik - E_ij
+    loss = jnp.sum(weights * jax.nn.softplus(-margins)) / jnp.maximum(jnp.sum(weights), 1e-12)
+    metrics = _metrics(loss, energies, _logits(energies, tau), jnp.zeros(actions.shape[0], jnp.int32))
+    return loss, {**metrics, **_selection_metrics(energies, distances, actions.shape[1] * actions.shape[2])}

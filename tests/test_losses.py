@@ -13,6 +13,9 @@ from eqx_energy.losses import (
     infonce_explicit,
     infonce_inbatch,
     mixed,
+    noise_to_time,
+    policy_ranking,
+    policy_softmax,
     shuffle_negatives,
     swap_negatives,
 )
@@ -146,3 +149,74 @@ def test_dropout_key_changes_loss_only_when_training(key, batch):
     base = infonce_inbatch(model, *batch, tau=0.5)[0]
     assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=True)[0] == base
     assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=False)[0] != base
+
+
+# ------------------------------------------------------------------ policy-sample candidates
+
+
+@pytest.fixture(scope="module")
+def candidates_reference():
+    """Model, batch, 5 'policy samples' per frame at growing distances, every candidate's energy
+    from the model's plain __call__ (one example each), and the distances (numpy)."""
+    key = jax.random.key(3)
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = synthetic_batch(key, 6, valid_tokens=6)
+    scales = jnp.array([0.05, 0.1, 0.3, 0.6, 1.0])[None, :, None, None]
+    samples = actions[:, None] + scales * jax.random.normal(jax.random.key(4), (6, 5, *actions.shape[1:]))
+    cands = np.concatenate([np.asarray(actions)[:, None], np.asarray(samples)], axis=1)
+    per_frame = lambda c, m, row: jax.vmap(lambda a: model(c, a, m))(row)  # noqa: E731
+    energies = np.asarray(jax.vmap(per_frame)(context, mask, jnp.asarray(cands)))
+    distances = np.sum((cands - np.asarray(actions)[:, None]) ** 2, axis=(2, 3))
+    return model, (context, actions, mask), samples, energies, distances
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("beta", [0.5, 5.0])
+def test_policy_softmax_matches_numpy(candidates_reference, beta):
+    model, (context, actions, mask), samples, energies, distances = candidates_reference
+    tau = 0.3
+    loss, metrics = policy_softmax(model, context, actions, mask, samples, tau=tau, beta=beta)
+    targets = np.exp(_log_softmax(-beta * distances))
+    expected = -np.mean(np.sum(targets * _log_softmax(-energies / tau), axis=1))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert set(METRIC_KEYS) <= set(metrics)
+    np.testing.assert_allclose(metrics["e_pos"], energies[:, 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["e_neg"], energies[:, 1:].mean(), rtol=1e-5)
+    assert metrics["accuracy"] == pytest.approx(np.mean(energies.argmin(1) == 0))
+    pick = energies[:, 1:].argmin(1)
+    assert metrics["select_agreement"] == pytest.approx(np.mean(pick == distances[:, 1:].argmin(1)))
+    chunk = actions.shape[1] * actions.shape[2]
+    picked = distances[np.arange(6), 1 + pick]
+    np.testing.assert_allclose(metrics["select_mse"], picked.mean() / chunk, rtol=1e-5)
+    np.testing.assert_allclose(metrics["sample_mse"], distances[:, 1:].mean() / chunk, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_policy_ranking_matches_numpy(candidates_reference, weighted):
+    model, (context, actions, mask), samples, energies, distances = candidates_reference
+    tau = 0.3
+    loss, metrics = policy_ranking(model, context, actions, mask, samples, tau=tau, weighted=weighted)
+    total, weight = 0.0, 0.0
+    for i in range(energies.shape[0]):
+        for j in range(energies.shape[1]):
+            for k in range(energies.shape[1]):
+                if distances[i, j] < distances[i, k]:
+                    w = distances[i, k] - distances[i, j] if weighted else 1.0
+                    total += w * -np.log(1.0 / (1.0 + np.exp(-(energies[i, k] - energies[i, j]) / tau)))
+                    weight += w
+    np.testing.assert_allclose(loss, total / weight, rtol=1e-5)
+    assert set(METRIC_KEYS) <= set(metrics)
+
+
+def test_noise_to_time_interpolates_noise_and_chunk(key, candidates_reference):
+    _, (_, actions, _), samples, _, _ = candidates_reference
+    eps = jax.random.normal(key, samples.shape)
+    t = jnp.array([0.0, 1.0, 0.25, 0.5, 0.75, 0.1])
+    noised = noise_to_time(key, samples, t)
+    expected = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * samples
+    np.testing.assert_allclose(noised, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(noised[0], samples[0])
