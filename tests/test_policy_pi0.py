@@ -75,6 +75,22 @@ def test_kv_cached_sampling_equals_uncached(tiny):
     assert cached[1].shape == (2, cfg.prefix_len, cfg.prefix_width) and cached[1].dtype == jnp.float32
 
 
+def test_batched_candidates_equal_separate_calls_with_split_keys(tiny):
+    """n candidates from one prefix pass = n plain calls, candidate i with key split(key, n)[i]."""
+    cfg, model, obs = tiny
+    key, n = jax.random.key(9), 3
+    many, feats, mask = model.sample_actions(key, obs, 2, num_samples=n)
+    assert many.shape == (2, n, cfg.action_horizon, 32)
+    for i, k in enumerate(jax.random.split(key, n)):
+        one, one_feats, one_mask = model.sample_actions(k, obs, 2)
+        np.testing.assert_allclose(np.asarray(many[:, i]), np.asarray(one), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(feats), np.asarray(one_feats))
+        np.testing.assert_array_equal(np.asarray(mask), np.asarray(one_mask))
+    assert not np.allclose(np.asarray(many[:, 0]), np.asarray(many[:, 1]))
+    with pytest.raises(ValueError, match="num_samples=3"):
+        model.sample_actions(key, obs, 2, noise=jnp.zeros((2, cfg.action_horizon, 32)), num_samples=n)
+
+
 def test_prefix_features_agree_across_entry_points(tiny):
     cfg, model, obs = tiny
     feats, mask = model.prefix_features(obs)

@@ -19,12 +19,13 @@ Public methods take a batched `Observation` and one key, as openpi's do; masks a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from eqx_energy.policy._augment import augment_images
 from eqx_energy.policy._layers import Dense
@@ -131,6 +132,19 @@ def posemb_sincos(t: Float[Array, ""], dim: int, min_period: float = 4e-3, max_p
     period = min_period * (max_period / min_period) ** jnp.linspace(0.0, 1.0, dim // 2)
     arg = t.astype(jnp.float32) * (1.0 / period * 2 * jnp.pi)
     return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)])
+
+
+class Prefix(eqx.Module):
+    """The prefix pass, computed once per observation: what each flow step and the energy read."""
+
+    tokens: Float[Array, "b s d"]
+    mask: Bool[Array, "b s"]
+    features: Float[Array, "b s c"]  # final-normed prefix output, f32: the energy's context
+    kv: tuple[Float[Array, "b l s k e"], Float[Array, "b l s k e"]]
+
+
+# guide(x_t, a_hat, t, dt) -> (displacement added to the Euler step, aux stacked over steps)
+Guide = Callable[[Array, Array, Array, float], tuple[Array, PyTree]]
 
 
 class Pi0(eqx.Module):
@@ -266,9 +280,8 @@ class Pi0(eqx.Module):
     @eqx.filter_jit
     def prefix_features(self, obs: Observation) -> tuple[Float[Array, "b s c"], Bool[Array, "b s"]]:
         """The VLM's final-normed prefix output (f32) and its mask: the energy head's context."""
-        tokens, mask, _ = self.embed_prefix(obs)
-        out, _ = jax.vmap(self._prefix_pass)(tokens, mask)
-        return out.astype(jnp.float32), mask
+        prefix = self.prefill(obs)
+        return prefix.features, prefix.mask
 
     def compute_loss_and_prefix(
         self, key: PRNGKeyArray, obs: Observation, actions: Float[Array, "b h p"], *, train: bool = False
@@ -295,6 +308,68 @@ class Pi0(eqx.Module):
         """Per-element flow-matching loss mean_p (v - (eps - a))^2, shape (b h)."""
         return self.compute_loss_and_prefix(key, obs, actions, train=train)[0]
 
+    def prefill(self, obs: Observation) -> Prefix:
+        """The prefix pass every flow step reads (tokens, mask, f32 features, per-layer KV cache)."""
+        tokens, mask, _ = self.embed_prefix(obs)
+        out, kv = jax.vmap(self._prefix_pass)(tokens, mask)
+        return Prefix(tokens=tokens, mask=mask, features=out.astype(jnp.float32), kv=kv)
+
+    def velocity(
+        self, prefix: Prefix, state: Float[Array, "b p"], x_t: Float[Array, "b *n h p"], t: Float[Array, ""], *, kv_cache: bool = True
+    ) -> Float[Array, "b *n h p"]:
+        """v_theta(x_t, t | obs) for chunks (b h p), or for candidates (b n h p) that share their example's prefix.
+
+        With `kv_cache` the suffix attends to the cached prefix keys/values (the n candidates read one cache,
+        not n copies); without it each call runs the full prefix + suffix forward (the reference path)."""
+
+        def one(tokens, mask, kv, state, x, t):
+            suffix_tokens, suffix_mask, cond = self._embed_suffix_one(state, x, t)
+            if kv_cache:
+                return self._velocity(self._cached_suffix_pass(kv, mask, suffix_tokens, suffix_mask, cond))
+            return self._velocity(self._joint_pass(tokens, mask, suffix_tokens, suffix_mask, cond)[1])
+
+        if x_t.ndim == 4:
+            one = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))
+        return jax.vmap(one)(prefix.tokens, prefix.mask, prefix.kv, state, x_t, jnp.broadcast_to(t, x_t.shape[:-2]))
+
+    def integrate(
+        self,
+        prefix: Prefix,
+        state: Float[Array, "b p"],
+        noise: Float[Array, "b *n h p"],
+        num_steps: int,
+        *,
+        kv_cache: bool = True,
+        guide: Guide | None = None,
+    ) -> tuple[Float[Array, "b *n h p"], PyTree]:
+        """Euler from t=1 to t=0: x <- x + dt v(x, t) + guide(x, x - t v, t, dt)[0], dt = -1/num_steps.
+
+        `guide(x_t, a_hat, t, dt) -> (displacement like x_t, aux)` sees the step's predicted clean chunk
+        a_hat = x_t - t v; its aux values are stacked over the steps (None without a guide)."""
+        dt = -1.0 / num_steps
+
+        def step(carry, _):
+            x_t, t = carry
+            v_t = self.velocity(prefix, state, x_t, t, kv_cache=kv_cache)
+            x_next = x_t + dt * v_t
+            if guide is None:
+                return (x_next, t + dt), None
+            move, aux = guide(x_t, x_t - t * v_t, t, dt)
+            return (x_next + move, t + dt), aux
+
+        (x0, _), aux = jax.lax.scan(step, (noise, jnp.asarray(1.0, jnp.float32)), None, length=num_steps)
+        return x0, aux
+
+    def candidate_noise(self, key: PRNGKeyArray, batch: int, num_samples: int | None) -> Float[Array, "b *n h p"]:
+        """N(0, I) start of the flow: (b h p) from `key`, or (b n h p) whose candidate i is what `key_i =
+        jax.random.split(key, n)[i]` alone draws (so n candidates equal n plain calls with those keys)."""
+        shape = (batch, self.config.action_horizon, self.config.action_dim)
+        if num_samples is None:
+            return jax.random.normal(key, shape)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (or None for one chunk per example), got {num_samples}")
+        return jnp.moveaxis(jax.vmap(lambda k: jax.random.normal(k, shape))(jax.random.split(key, num_samples)), 0, 1)
+
     @eqx.filter_jit
     def sample_actions(
         self,
@@ -302,34 +377,29 @@ class Pi0(eqx.Module):
         obs: Observation,
         num_steps: int = 10,
         *,
-        noise: Float[ArrayLike, "b h p"] | None = None,
+        noise: Float[ArrayLike, "b *n h p"] | None = None,
         kv_cache: bool = True,
-    ) -> tuple[Float[Array, "b h p"], Float[Array, "b s c"], Bool[Array, "b s"]]:
+        num_samples: int | None = None,
+    ) -> tuple[Float[Array, "b *n h p"], Float[Array, "b s c"], Bool[Array, "b s"]]:
         """Euler integration of the flow from t=1 (noise ~ N(0,1) from `key`, or `noise`) to t=0.
 
         With `kv_cache` the prefix runs once and each step runs only the suffix against its cached keys
         and values; without it every step runs the full prefix + suffix forward (the reference path).
-        Returns the actions (b h p) in the model's normalized space and the prefix features (f32) + mask.
+        `num_samples=n` draws n candidates per example from that one prefix pass: actions (b n h p), noise
+        as `candidate_noise`. Returns the actions in the model's normalized space and the prefix features
+        (f32) + mask, once per example.
         """
         self._check(obs)
-        b, h, p = obs.state.shape[0], self.config.action_horizon, self.config.action_dim
-        x = jax.random.normal(key, (b, h, p)) if noise is None else jnp.asarray(noise, jnp.float32)
-        dt = -1.0 / num_steps
-        prefix_tokens, prefix_mask, _ = self.embed_prefix(obs)
-        prefix_out, kv = jax.vmap(self._prefix_pass)(prefix_tokens, prefix_mask)
-
-        def step(carry, _):
-            x_t, t = carry
-            suffix_tokens, suffix_mask, _, cond = self.embed_suffix(obs, x_t, jnp.broadcast_to(t, (b,)))
-            if kv_cache:
-                suffix_out = jax.vmap(self._cached_suffix_pass)(kv, prefix_mask, suffix_tokens, suffix_mask, cond)
-            else:
-                _, suffix_out = jax.vmap(self._joint_pass)(prefix_tokens, prefix_mask, suffix_tokens, suffix_mask, cond)
-            v_t = jax.vmap(self._velocity)(suffix_out)
-            return (x_t + dt * v_t, t + dt), None
-
-        (x0, _), _ = jax.lax.scan(step, (x, jnp.asarray(1.0, jnp.float32)), None, length=num_steps)
-        return x0, prefix_out.astype(jnp.float32), prefix_mask
+        if noise is None:
+            x = self.candidate_noise(key, obs.state.shape[0], num_samples)
+        else:
+            x = jnp.asarray(noise, jnp.float32)
+            if x.ndim != (3 if num_samples is None else 4) or (num_samples is not None and x.shape[1] != num_samples):
+                raise ValueError(f"noise has shape {x.shape}; with num_samples={num_samples} expected "
+                                 f"{'(b, h, p)' if num_samples is None else f'(b, {num_samples}, h, p)'}")
+        prefix = self.prefill(obs)
+        x0, _ = self.integrate(prefix, obs.state, x, num_steps, kv_cache=kv_cache)
+        return x0, prefix.features, prefix.mask
 
 
 def count_params(tree) -> int:
