@@ -2,7 +2,9 @@
 (interrupted vs uninterrupted, metrics.jsonl compared value for value) and the run dir's contents.
 The step itself (modes, NaN skip, sharding) is tested in test_train_step.py."""
 
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from eqx_energy.energy import EnergyConfig
 from eqx_energy.policy.pi0 import Pi0Config
 from eqx_energy.train import loop
 from eqx_energy.checkpoints.run import latest_step
-from eqx_energy.train.config import DataConfig, OptimConfig, PolicyConfig, TrainConfig, TrainLoopConfig, write_config
+from eqx_energy.train.config import ConfigError, DataConfig, OptimConfig, PolicyConfig, TrainConfig, TrainLoopConfig, write_config
 from eqx_energy.data.writer import write_lerobot_dataset
 
 TASKS = ("pick up the red block", "open the top drawer")
@@ -88,6 +90,43 @@ def test_run_dir_contents(full_run):
         for k in ("loss", "energy/loss", "energy/accuracy", "grad_norm", "lr/energy", "skipped_steps"):
             assert np.isfinite(r[k]), k
         assert r["skipped_steps"] == 0
+
+
+def finished_copy(full_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished 4-step run: resuming it restores step 4 and trains nothing (no compile)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir)
+    return run_dir
+
+
+def test_resume_with_changed_config_refused_then_allowed_and_logged(dataset, full_run, tmp_path):
+    run_dir = finished_copy(full_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    cfg = tiny_config(dataset)
+    changed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, energy_lr=2e-3),
+                                  train=dataclasses.replace(cfg.train, log_interval=2))
+    with pytest.raises(ConfigError) as refused:
+        loop.run(changed, run_dir, progress=False)
+    assert "step 4" in str(refused.value)
+    assert "optim.energy_lr: 0.001 -> 0.002; train.log_interval: 1 -> 2" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing written
+    loop.run(changed, run_dir, allow_config_change=True, progress=False)
+    (logged,) = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert logged["step"] == 4 and logged["changes"] == {"optim.energy_lr": [1e-3, 2e-3], "train.log_interval": [1, 2]}
+    assert "energy_lr: 0.002" in (run_dir / "config.yaml").read_text()  # the readable copy follows the invocation
+    loop.run(cfg, run_dir, progress=False)  # the checkpoint (step 4, nothing trained since) holds cfg
+    assert (run_dir / "config_changes.jsonl").read_text().count("\n") == 1
+
+
+def test_resume_repairs_a_truncated_metrics_line(dataset, full_run, tmp_path):
+    """Killed mid-write: the last metrics line is half a record. Resuming drops it (no crash)."""
+    run_dir = finished_copy(full_run, tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + whole.splitlines()[-1][:25])
+    loop.run(tiny_config(dataset), run_dir, progress=False)
+    assert metrics.read_text() == whole
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow  # two more compiles of the step
