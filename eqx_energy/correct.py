@@ -6,6 +6,8 @@
 
 `steps` times in `jax.lax.scan`, the context encoded once outside the loop. Batched: inputs carry
 a leading b axis. Actions are in the policy's normalized space (correct before unnormalizing).
+A non-finite context (on valid tokens), start or result stops `correct` with `eqx.error_if`
+(EquinoxRuntimeError; `EQX_ON_ERROR` picks the behaviour): no actions come out of a NaN.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def correct(
 ) -> tuple[PaddedActions, CorrectionTrace]:
     """Corrected actions (b h p) and the trace. Only [..., :action_dim] move (only step 0 of the
     chunk if `first_only`); every other entry comes back bit-identical. `config=None` means
-    `CorrectionConfig()` (built here: a default instance would create arrays at import time)."""
+    `CorrectionConfig()` (built here: a default instance would create arrays at import time).
+    Raises EquinoxRuntimeError on a non-finite context (valid tokens), start or result."""
     config = CorrectionConfig() if config is None else config
     _check_actions(model, actions, "actions", exact=False)
     action_dim = model.action_dim
@@ -127,8 +130,11 @@ def correct(
     if config.method == "langevin" and key is None:
         raise ValueError("correction.method='langevin' needs a key")
     model = eqx.nn.inference_mode(model)
-    encodings = jax.vmap(model.encode_context)(context, context_mask)
+    context = eqx.error_if(context, ~jnp.all(jnp.isfinite(context) | ~context_mask[..., None]),
+                           "correct: the context is non-finite on valid tokens; the policy produced NaN/inf")
     start = actions[..., :action_dim].astype(jnp.float32)
+    start = eqx.error_if(start, ~jnp.all(jnp.isfinite(start)), "correct: the actions to correct are non-finite")
+    encodings = jax.vmap(model.encode_context)(context, context_mask)
     horizon = actions.shape[1]
     move = (jnp.arange(horizon) == 0) if config.first_only else jnp.ones(horizon, bool)
     move = move[None, :, None]
@@ -155,6 +161,8 @@ def correct(
     )
     final_energy = jax.vmap(model.score)(encodings, final)
     moved = jnp.where(move, final, start).astype(actions.dtype)
+    moved = eqx.error_if(moved, ~jnp.all(jnp.isfinite(moved)), "correct: the corrected actions are non-finite "
+                         "(NaN/inf energy gradients: check the energy's parameters)")
     new_actions = actions.at[..., :action_dim].set(moved)
     trace = CorrectionTrace(
         energy=jnp.concatenate([energies, final_energy[None]], axis=0),

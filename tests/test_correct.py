@@ -133,3 +133,19 @@ def test_config_errors(setup):
         correct(model, context, padded[..., :2], mask, CorrectionConfig())
     with pytest.raises(ValueError, match="steps"):
         CorrectionConfig(steps=-1)
+
+
+def test_non_finite_context_actions_or_result_stop_correction(setup):
+    """error_if at the edge: no actions come out of a NaN context, NaN actions or NaN energy gradients."""
+    model, context, _, padded, mask = setup
+    valid = tuple(int(i) for i in np.argwhere(np.asarray(mask))[0])  # (example, token) of a valid token
+    with pytest.raises(eqx.EquinoxRuntimeError, match="context is non-finite on valid tokens"):
+        correct(model, context.at[valid].set(jnp.nan), padded, mask)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="actions to correct are non-finite"):
+        correct(model, context, padded.at[1, 2, 0].set(jnp.inf), mask)
+    broken = eqx.tree_at(lambda m: m.attn_out.bias, model, jnp.full_like(model.attn_out.bias, jnp.nan))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="corrected actions are non-finite"):
+        correct(broken, context, padded, mask)
+    padding = tuple(int(i) for i in np.argwhere(~np.asarray(mask))[0])  # masked, yet 0 * NaN = NaN in attention
+    with pytest.raises(eqx.EquinoxRuntimeError, match="corrected actions are non-finite"):
+        correct(model, context.at[padding].set(jnp.nan), padded, mask)
