@@ -8,6 +8,11 @@ Architecture (seeds 000 and 002, DESIGN.md "Reference architecture"):
     e_t    = T(ψ(Z_t))                                      ψ: MLPResNet head, T: output transform
     E      = mean_t e_t
 
+With `time_conditioning`, E(c, a, t) scores a chunk at flow time t (openpi: x_t = t eps + (1 - t) a,
+t = 0 clean): W_t sincos(t) + b_t is added to φ_a(a) + PE (CEP's time-dependent energy, arXiv
+2304.12824), and t=None means t=0. Without it the module has no time weights, so seed-format
+checkpoints load unchanged, and passing t is an error.
+
 The action-independent part (K, V) is `encode_context`; `score` runs for each candidate chunk.
 Masks are True = valid. The energy lives in the policy's normalized action space; its parameters
 and math are f32 (a bf16 backbone's features are cast once, on entry).
@@ -25,6 +30,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from eqx_energy._typing import Actions, Context, ContextMask, Scalar
+from eqx_energy.policy.pi0 import posemb_sincos
+
+FlowTime = Float[Array, ""] | float | None  # openpi's flow time: 1 = noise, 0 = clean; None = clean
 
 OutputTransformName = Literal["sigmoid", "softplus", "identity"]
 
@@ -54,6 +62,7 @@ class EnergyConfig:
     output_scale: float | None = None
     output_offset: float | None = None
     max_horizon: int = 256
+    time_conditioning: bool = False  # E(c, a, t): a time embedding added to the action tokens
 
     def __post_init__(self):
         if self.output not in _OUTPUT_DEFAULTS:
@@ -149,6 +158,7 @@ class EnergyModel(eqx.Module):
     value: eqx.nn.Linear
     attn_out: eqx.nn.Linear
     head: MLPResNet
+    time_proj: eqx.nn.Linear | None  # sincos(t) -> hidden; None unless config.time_conditioning
     config: EnergyConfig = eqx.field(static=True)
 
     def __init__(self, config: EnergyConfig, *, key: PRNGKeyArray):
@@ -162,6 +172,8 @@ class EnergyModel(eqx.Module):
         self.value = eqx.nn.Linear(d, d, key=v_key)
         self.attn_out = eqx.nn.Linear(d, d, key=o_key)
         self.head = MLPResNet(config.head_blocks, d, d, 1, key=head_key)
+        # its own fold of the key: the other weights stay what they are without the option
+        self.time_proj = eqx.nn.Linear(d, d, key=jax.random.fold_in(key, 7)) if config.time_conditioning else None
         self.config = config
 
     @property
@@ -188,9 +200,9 @@ class EnergyModel(eqx.Module):
         )
 
     def encode_actions(
-        self, actions: Actions, *, key: PRNGKeyArray | None = None, inference: bool = True
+        self, actions: Actions, t: FlowTime = None, *, key: PRNGKeyArray | None = None, inference: bool = True
     ) -> Float[Array, "h d"]:
-        """Attention queries of the action steps: W_q dropout(φ_a(a) + PE) + b_q."""
+        """Attention queries of the action steps: W_q dropout(φ_a(a) + PE [+ W_t sincos(t) + b_t]) + b_q."""
         horizon, action_dim = actions.shape
         if action_dim != self.config.action_dim:
             raise ValueError(
@@ -203,6 +215,12 @@ class EnergyModel(eqx.Module):
             )
         tokens = jax.vmap(self.action_proj)(actions.astype(self.dtype))
         tokens = tokens + sinusoidal_encoding(horizon, self.config.hidden)
+        if self.time_proj is not None:
+            t = jnp.zeros((), self.dtype) if t is None else jnp.asarray(t, self.dtype)
+            tokens = tokens + self.time_proj(posemb_sincos(t, self.config.hidden))
+        elif t is not None:
+            raise ValueError("a flow time t was passed to an energy without time conditioning; set "
+                             "energy.time_conditioning=true (and train it) or pass t=None")
         tokens = self.action_dropout(tokens, key=key, inference=inference or key is None)
         return jax.vmap(self.query)(tokens)
 
@@ -234,12 +252,13 @@ class EnergyModel(eqx.Module):
         self,
         encoding: ContextEncoding,
         actions: Actions,
+        t: FlowTime = None,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> Scalar:
-        """E from a pre-computed context encoding; equals `self(context, actions, mask)`."""
-        queries = self.encode_actions(actions, key=key, inference=inference)
+        """E from a pre-computed context encoding; equals `self(context, actions, mask, t)`."""
+        queries = self.encode_actions(actions, t, key=key, inference=inference)
         return jnp.mean(self.step_energies(encoding, queries))
 
     def per_step(
@@ -247,12 +266,13 @@ class EnergyModel(eqx.Module):
         context: Context,
         actions: Actions,
         context_mask: ContextMask,
+        t: FlowTime = None,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> Float[Array, " h"]:
         """Per-step energies (h,); their mean is E."""
-        queries = self.encode_actions(actions, key=key, inference=inference)
+        queries = self.encode_actions(actions, t, key=key, inference=inference)
         return self.step_energies(self.encode_context(context, context_mask), queries)
 
     def __call__(
@@ -260,8 +280,9 @@ class EnergyModel(eqx.Module):
         context: Context,
         actions: Actions,
         context_mask: ContextMask,
+        t: FlowTime = None,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> Scalar:
-        return jnp.mean(self.per_step(context, actions, context_mask, key=key, inference=inference))
+        return jnp.mean(self.per_step(context, actions, context_mask, t, key=key, inference=inference))

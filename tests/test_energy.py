@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -137,3 +138,32 @@ def test_mlp_resnet_and_position_encoding_shapes(key):
     pe = sinusoidal_encoding(4, 6)
     np.testing.assert_allclose(pe[0], [0, 1, 0, 1, 0, 1], atol=1e-7)
     np.testing.assert_allclose(pe[3, 0], np.sin(3.0), rtol=1e-6)
+
+
+def test_time_conditioning_off_keeps_the_seed_parameter_tree(key):
+    """Without the option there are no time weights: the leaves (paths, shapes, values) are those of a
+    time-conditioned model less `time_proj`, so seed-format checkpoints load as before."""
+    off = EnergyModel(CFG, key=key)
+    on = EnergyModel(dataclasses.replace(CFG, time_conditioning=True), key=key)
+    leaves = lambda m: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(m)}
+    off_leaves, on_leaves = leaves(off), leaves(on)
+    assert off.time_proj is None
+    assert set(on_leaves) - set(off_leaves) == {".time_proj.weight", ".time_proj.bias"}
+    assert set(off_leaves) <= set(on_leaves)
+    for name, value in off_leaves.items():
+        np.testing.assert_array_equal(value, on_leaves[name])
+    context, actions, mask = _inputs(key)
+    with pytest.raises(ValueError, match="time_conditioning"):
+        off(context, actions, mask, 0.5)
+
+
+def test_time_conditioned_energy_depends_on_t(key):
+    model = EnergyModel(dataclasses.replace(CFG, time_conditioning=True), key=key)
+    context, actions, mask = _inputs(key)
+    clean = model(context, actions, mask)
+    assert model(context, actions, mask, 0.0) == clean  # t=None means t=0 (clean)
+    assert abs(float(model(context, actions, mask, 0.7)) - float(clean)) > 1e-4
+    enc = model.encode_context(context, mask)
+    np.testing.assert_allclose(model.score(enc, actions, jnp.float32(0.7)), model(context, actions, mask, 0.7), rtol=1e-6)
+    scores = jax.vmap(lambda t: model.score(enc, actions, t))(jnp.asarray([0.0, 0.7]))
+    np.testing.assert_allclose(scores, [clean, model(context, actions, mask, 0.7)], rtol=1e-6)
