@@ -2,7 +2,8 @@
 
     python correct.py [eval] --ckpt RUN[/checkpoints/STEP] [--data DIR] [--frames 64]
                              [--alpha-sweep 0.01,0.03,0.1,0.3 --steps 1,3,5] [--out DIR]
-    python correct.py serve  --ckpt RUN [--port 8000] [--steps 3 --alpha 0.1 | --no-correction]
+    python correct.py serve  --ckpt RUN [--host 127.0.0.1 --port 8000] [--steps 3 --alpha 0.1 | --no-correction]
+                             [--api-key KEY] [--max-connections 16 --max-pending 8 --idle-timeout 600 ...]
     python correct.py eval-sim --ckpt RUN [--tasks reach-v3,...] [--episodes 100] [--seed 100]
                                [--sigmas 0,0.3,0.5] [--steps 3 --alpha 0.03,0.1] [--out DIR]
     python correct.py eval-sim --server HOST:PORT ...   (the same episodes through `serve`)
@@ -12,7 +13,11 @@ policy's own samples on held-out frames (eqx_energy.offline_eval); prints a tabl
 report.json, sweep.png and energy_hist.png to --out (default RUN/correct_eval).
 An output dir never overwrites an earlier evaluation: when --out (or the default) already holds files,
 the results go to the first free sibling OUT-2, OUT-3, ... (printed at the end).
-serve: a websocket server speaking openpi's protocol (eqx_energy.serve).
+serve: a websocket server speaking openpi's protocol (eqx_energy.serve.server: access, limits, errors).
+It binds 127.0.0.1 unless --host says otherwise; with a key (--api-key, or the environment variable
+EQX_ENERGY_API_KEY, which keeps it out of `ps`) clients must send `Authorization: Api-Key KEY`, as
+openpi's client does with api_key; `eval-sim --server` sends the variable's key. SIGTERM or Ctrl-C
+answers the requests in flight, then exits.
 eval-sim: closed-loop Meta-World success rates (eqx_energy.sim.evaluate) of the uncorrected policy and
 each correction setting, gaussian noise added before correction; results.json/.md and success.png.
 """
@@ -20,8 +25,12 @@ each correction setting, gaussian noise added before correction; results.json/.m
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+
+_API_KEY_ENV = "EQX_ENERGY_API_KEY"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +39,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from eqx_energy.serve import server as srv  # the server's defaults, shown in --help
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     ev = sub.add_parser("eval", help="offline evaluation on held-out frames (default)")
@@ -48,8 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="output dir (default: RUN/correct_eval); if it holds files, the next free OUT-N")
     sv = sub.add_parser("serve", help="websocket policy server (openpi protocol)")
     _common(sv)
-    sv.add_argument("--host", default="0.0.0.0")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default=srv.DEFAULT_HOST,
+                    help="address to bind (default: %(default)s, loopback only); 0.0.0.0 serves the network")
+    sv.add_argument("--port", type=int, default=srv.DEFAULT_PORT)
+    sv.add_argument("--api-key", help=f"require 'Authorization: Api-Key KEY' (default: ${_API_KEY_ENV}, else no key)")
+    limits = sv.add_argument_group("limits")
+    limits.add_argument("--max-connections", type=int, default=srv.DEFAULT_MAX_CONNECTIONS,
+                        help="concurrent connections; one more is closed with code 1013 (default %(default)s)")
+    limits.add_argument("--max-pending", type=int, default=srv.DEFAULT_MAX_PENDING,
+                        help="requests waiting for inference; one more gets a ServerBusy error (default %(default)s)")
+    limits.add_argument("--max-queue", type=int, default=srv.DEFAULT_MAX_QUEUE,
+                        help="frames buffered per connection before it stops reading (default %(default)s)")
+    limits.add_argument("--max-size", type=int, default=srv.DEFAULT_MAX_SIZE,
+                        help="largest message in bytes; a larger one closes with code 1009 (default %(default)s)")
+    limits.add_argument("--idle-timeout", type=float, default=srv.DEFAULT_IDLE_TIMEOUT_S, dest="idle_timeout_s",
+                        help="seconds without a request before a connection is closed; 0: never (default %(default)s)")
+    limits.add_argument("--keepalive", type=float, default=srv.DEFAULT_KEEPALIVE_S, dest="keepalive_s",
+                        help="seconds between pings and to answer a ping; a silent peer is dropped (default %(default)s)")
     sv.add_argument("--steps", type=int, help="correction steps (default: the run's)")
     sv.add_argument("--alpha", type=float)
     sv.add_argument("--clip-frac", type=float)
@@ -97,8 +123,14 @@ def _serve(args: argparse.Namespace) -> int:
         run, steps=0 if args.no_correction else args.steps, alpha=args.alpha, clip_frac=args.clip_frac,
         first_only=True if args.first_only else None,
     )
-    server = PolicyServer(EnergyPolicy(run, correction), host=args.host, port=args.port)
-    print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} (correction steps={correction.steps})")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(_API_KEY_ENV)
+    server = PolicyServer(
+        EnergyPolicy(run, correction), host=args.host, port=args.port, api_key=api_key,
+        max_connections=args.max_connections, max_pending=args.max_pending, max_queue=args.max_queue,
+        max_size=args.max_size, idle_timeout_s=args.idle_timeout_s or None, keepalive_s=args.keepalive_s,
+    )
+    print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} (correction steps={correction.steps}, "
+          f"{'API key required' if api_key is not None else 'no API key'})")
     server.serve_forever()
     return 0
 
@@ -148,7 +180,7 @@ def _eval_sim(argv: list[str]) -> int:
     runs = {}
     if args.server:
         host, _, port = args.server.rpartition(":")
-        with PolicyClient(host, int(port), wait_s=60) as client:
+        with PolicyClient(host, int(port), api_key=os.environ.get(_API_KEY_ENV), wait_s=60.0) as client:
             common["render_images"] = needs_images(client.metadata)
             for sigma in sigmas:
                 runs[f"served sigma={sigma:g}"] = evaluate(client_policy_fn(client), tasks, args.episodes,

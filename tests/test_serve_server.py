@@ -3,6 +3,7 @@
 One server (module fixture) serves every test, so the error tests also show that it keeps serving.
 """
 
+import inspect
 import logging
 import re
 import signal
@@ -415,3 +416,13 @@ def test_peer_that_stops_reading_is_dropped_by_keepalive(policy):
                 refused.recv(timeout=TIMEOUT_S)
             # ping after keepalive_s, no pong within keepalive_s, no close reply within keepalive_s
             assert 2 * 0.3 < _served_once_a_slot_frees(port) < 10.0
+
+
+def test_cli_binds_loopback_and_defaults_to_the_server_limits():
+    import correct as correct_cli
+
+    args = correct_cli._parser().parse_args(["serve", "--ckpt", "RUN"])
+    assert args.host == "127.0.0.1" and args.api_key is None
+    defaults = inspect.signature(PolicyServer).parameters
+    for name in ("port", "max_connections", "max_pending", "max_queue", "max_size", "idle_timeout_s", "keepalive_s"):
+        assert getattr(args, name) == defaults[name].default, name

@@ -64,6 +64,7 @@ def test_correction_is_gradient_descent_on_the_energy():
     [
         ({"observation/wrist_image": None}, "lacks keys"),
         ({"observation/state": np.zeros(4)}, r"must have shape \(5,\)"),
+        ({"observation/state": np.array([0.0, np.nan, 0.0, 0.0, 0.0])}, r"must be finite; got \[0.0, nan,"),
         ({"observation/image": np.zeros((6, 5, 3), np.float32)}, "must be a uint8"),
         ({"observation/image": np.zeros((6, 5), np.uint8)}, "must be a uint8"),
     ],

@@ -97,7 +97,8 @@ class ToyPolicy:
         self.metadata = {"policy": "toy", "action_horizon": horizon, "action_dim": action_dim}
 
     def infer(self, obs: dict) -> dict:
-        """obs -> {"actions": (h, a) float32, "state", "policy_timing"}; raises ValueError on a bad obs."""
+        """obs -> {"actions": (h, a) float32, "state", "policy_timing"}; raises ValueError on a bad obs
+        (missing key, wrong state shape, non-finite state, an image that is not uint8 (H, W, 3))."""
         state, images = self._read(obs)
         start = time.monotonic()
         features, actions = _sample(self.net, jnp.asarray(state), tuple(jnp.asarray(im) for im in images))
@@ -119,6 +120,8 @@ class ToyPolicy:
         state_dim = self.net.actor.in_size - 3 * len(self.image_keys)
         if state.shape != (state_dim,):
             raise ValueError(f"{self.state_key!r} must have shape ({state_dim},); got {state.shape}")
+        if not np.isfinite(state).all():  # NaN in, NaN actions out: a robot would execute them
+            raise ValueError(f"{self.state_key!r} must be finite; got {state.tolist()}")
         images = [np.asarray(obs[k]) for k in self.image_keys]
         for k, image in zip(self.image_keys, images):
             if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
