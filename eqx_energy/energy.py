@@ -159,9 +159,12 @@ class EnergyModel(eqx.Module):
     attn_out: eqx.nn.Linear
     head: MLPResNet
     time_proj: eqx.nn.Linear | None  # sincos(t) -> hidden; None unless config.time_conditioning
+    log_tau: Float[Array, ""] | None  # a learnable InfoNCE temperature (loss.learn_tau); None = fixed loss.tau
     config: EnergyConfig = eqx.field(static=True)
 
-    def __init__(self, config: EnergyConfig, *, key: PRNGKeyArray):
+    def __init__(self, config: EnergyConfig, *, key: PRNGKeyArray, learn_tau: float | None = None):
+        """`learn_tau`: initial value of a trainable temperature leaf `log_tau` (the losses then use
+        tau = exp(log_tau)); None adds no leaf, so the parameter tree is the seed format's."""
         ctx_key, act_key, q_key, k_key, v_key, o_key, head_key = jax.random.split(key, 7)
         d = config.hidden
         self.context_proj = MLPResNet(config.context_blocks, config.context_dim, d, d, key=ctx_key)
@@ -174,6 +177,7 @@ class EnergyModel(eqx.Module):
         self.head = MLPResNet(config.head_blocks, d, d, 1, key=head_key)
         # its own fold of the key: the other weights stay what they are without the option
         self.time_proj = eqx.nn.Linear(d, d, key=jax.random.fold_in(key, 7)) if config.time_conditioning else None
+        self.log_tau = None if learn_tau is None else jnp.log(jnp.asarray(learn_tau, jnp.float32))
         self.config = config
 
     @property

@@ -1,6 +1,7 @@
 """The train step over a partitioned RunModel: which leaves train and get gradients in each mode,
 where the energy loss's gradient goes, the non-finite guard, and sharded == single-device."""
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -219,3 +220,58 @@ def test_parameter_layout_follows_mesh_rules(setup):
         else:
             assert spec == P() or all(s is None for s in spec)
     assert sharded > 0
+
+
+# ------------------------------------------------------------------ policy-sample losses (issue 12)
+
+
+def policy_loss_config(cfg, **loss):
+    """cfg with loss.kind policy_softmax over 4 policy samples of 2 flow steps (cheap to compile)."""
+    fields = {"kind": "policy_softmax", "num_policy_samples": 4, "policy_sample_steps": 2, "beta": 1.0, **loss}
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **fields))
+
+
+@pytest.mark.slow  # 30 steps, each sampling the policy (90 s on the shared 2-core machine)
+def test_policy_softmax_energy_only_step_lowers_loss(setup):
+    """energy_only with policy samples drawn in the step: only the energy moves (log_tau with it,
+    when learned), and 30 steps on one batch, fresh samples each step, lower the loss."""
+    cfg, _, batches = setup
+    cfg = policy_loss_config(cfg, learn_tau=True)
+    model = build_model(cfg, jax.random.key(0))
+    trainable, frozen = eqx.partition(model, trainable_spec(model, "energy_only"))
+    params = eqx.filter(trainable, eqx.is_inexact_array)
+    labels = group_labels(params)
+    assert labels.energy.log_tau == "energy"
+    optimizer = make_optimizer(cfg.optim, labels, total_steps=30)
+    step = make_train_step(optimizer, mode="energy_only", loss_cfg=cfg.loss)
+    state = init_state(trainable, optimizer, ema=False)
+    policy_before = snapshot(frozen.policy)
+    losses = []
+    for i in range(30):
+        state, metrics = step(frozen, state, batches[0], jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert {"energy/select_agreement", "energy/select_mse", "energy/sample_mse"} <= set(metrics)
+    assert float(metrics["energy/tau"]) != pytest.approx(cfg.loss.tau)
+    assert bit_equal(snapshot(frozen.policy), policy_before)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.slow  # compiles the policy's backward pass
+def test_joint_policy_samples_give_the_policy_no_gradient(setup):
+    """joint mode draws the current policy's samples under stop_gradient: with the context stopped
+    too, the policy's gradient is the flow loss's alone (== monitor's), and the energy's is nonzero."""
+    cfg, model, batches = setup
+    loss_cfg = policy_loss_config(cfg).loss
+
+    @eqx.filter_jit
+    def both(model, batch, key):
+        params, rest = eqx.partition(model, eqx.is_inexact_array)
+        out = {}
+        for mode in ("joint", "monitor"):
+            loss = functools.partial(_loss, mode=mode, loss_cfg=loss_cfg, grad_to_backbone=False)
+            out[mode] = eqx.filter_grad(lambda p, loss=loss: loss(p, rest, batch, key)[0])(params)
+        return out
+
+    g = both(model, batches[0], jax.random.key(1))
+    assert nonzero(g["joint"].energy)
+    assert allclose(g["joint"].policy, g["monitor"].policy, rtol=1e-4, atol=1e-6)

@@ -110,16 +110,39 @@ class TrainLoopConfig:
 class LossConfig:
     """Which energy loss and its hyperparameters (formulas in eqx_energy.losses)."""
 
-    kind: Literal["infonce_inbatch", "infonce_explicit", "hinge", "mixed"] = "infonce_inbatch"
-    tau: float = 0.5  # InfoNCE temperature: logits = -E / tau
+    kind: Literal["infonce_inbatch", "infonce_explicit", "hinge", "mixed", "policy_softmax", "policy_ranking"] = (
+        "infonce_inbatch"
+    )
+    tau: float = 0.5  # InfoNCE temperature: logits = -E / tau (the initial value when learn_tau)
+    learn_tau: bool = False  # tau = exp(log_tau), a trained leaf of the energy head
     chunk: int | None = None  # rows of the (b, b) energy matrix per checkpointed chunk; None = all
     margin: float = 1.0  # hinge: relu(margin + E_pos - E_neg)
     weights: tuple[float, float] = (1.0, 1.0)  # mixed: (infonce, hinge) weights
     negative_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5)  # explicit negatives: a + sigma * N(0, 1)
     energy_weight: float = 1.0  # joint mode: total = flow loss + energy_weight * energy loss
+    # policy_softmax / policy_ranking: candidates {expert chunk, K policy samples} per frame, drawn
+    # on the fly in the step (stop_gradient) from the frozen policy, or the current one in joint mode
+    num_policy_samples: int = 8  # K
+    policy_sample_steps: int = 10  # flow Euler steps per sample (fewer = cheaper training samples)
+    beta: float = 1.0  # policy_softmax soft targets: softmax_k(-beta ||a_k - a*||²), summed over h and a
+    rank_weighted: bool = False  # policy_ranking: weight each pair by its distance gap
+    # policy_softmax: noise every candidate of a frame to one t ~ U(lo, hi) (x_t = t eps + (1 - t) a) and
+    # score with the time-conditioned energy (guided sampling's query); null = clean candidates
+    noise_t: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         _require(self.tau > 0, "loss.tau must be > 0")
+        _require(self.num_policy_samples > 0, "loss.num_policy_samples must be > 0")
+        _require(self.policy_sample_steps > 0, "loss.policy_sample_steps must be > 0")
+        _require(self.beta >= 0, "loss.beta must be >= 0")
+        _require(
+            not self.learn_tau or self.kind != "hinge",
+            "loss.learn_tau needs a temperature-scaled loss; loss.kind=hinge has none (set learn_tau: false)",
+        )
+        _require(
+            self.noise_t is None or (self.kind == "policy_softmax" and 0.0 <= self.noise_t[0] < self.noise_t[1] <= 1.0),
+            "loss.noise_t must be null or [lo, hi] with 0 <= lo < hi <= 1, and only with loss.kind=policy_softmax",
+        )
         _require(self.chunk is None or self.chunk > 0, "loss.chunk must be > 0 or null")
         _require(self.margin >= 0, "loss.margin must be >= 0")
         _require(all(s > 0 for s in self.negative_sigmas), "loss.negative_sigmas must all be > 0")

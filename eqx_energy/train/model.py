@@ -70,7 +70,8 @@ def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
         policy: Pi0 = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model)
     else:
         policy = init_pi0(cfg.policy.model, key=policy_key)
-    return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key))
+    learn_tau = cfg.loss.tau if cfg.loss.learn_tau else None
+    return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key, learn_tau=learn_tau))
 
 
 def init_model(cfg: TrainConfig) -> tuple[RunModel, RunModel]:

@@ -6,7 +6,10 @@
     monitor       L = L_flow; L_E computed on stop_grad(prefix), logged  only the policy moves
 
 L_E is the configured energy loss (eqx_energy.losses) on the first `energy.action_dim` dims of
-the normalized, padded batch actions. Non-finite loss or gradients skip the update (params,
+the normalized, padded batch actions. The policy-sample kinds (policy_softmax, policy_ranking) draw
+`loss.num_policy_samples` chunks per frame on the fly, under stop_gradient: in energy_only mode from
+the frozen policy, whose sampling pass also gives the context (one prefix pass); in joint and
+monitor modes from the current policy, in a second prefix pass. Non-finite loss or gradients skip the update (params,
 optimizer state and EMA unchanged) and are counted. Batches are dicts in openpi's model layout.
 """
 
@@ -52,25 +55,49 @@ def init_state(trainable: PyTree, optimizer: Optimizer, *, ema: bool) -> TrainSt
     )
 
 
+POLICY_SAMPLE_KINDS = ("policy_softmax", "policy_ranking")
+
+
 def energy_loss_fn(cfg: LossConfig) -> Callable[..., tuple[Float[Array, ""], dict]]:
-    """(energy, context, actions, mask, key) -> (loss, metrics) for `loss.kind`."""
+    """(energy, context, actions, mask, key, samples) -> (loss, metrics) for `loss.kind`; `samples`
+    (b k h a) are the policy's chunks, needed by the POLICY_SAMPLE_KINDS only."""
     sampler = losses.NegativeSampler(sigmas=cfg.negative_sigmas, num_shuffle=1, num_swap=1)
 
-    def fn(energy: EnergyModel, context, actions, mask, key: PRNGKeyArray):
+    def fn(energy: EnergyModel, context, actions, mask, key: PRNGKeyArray, samples=None):
         neg_key, drop_key = jax.random.split(key)
+        tau = cfg.tau if energy.log_tau is None else jnp.exp(energy.log_tau)
+        if cfg.kind in POLICY_SAMPLE_KINDS and samples is None:
+            raise ValueError(f"loss.kind={cfg.kind} needs the policy's samples (b k h a); pass samples=")
+        if cfg.kind == "policy_softmax":
+            t = None
+            if cfg.noise_t is not None:
+                t = jax.random.uniform(neg_key, (actions.shape[0],), minval=cfg.noise_t[0], maxval=cfg.noise_t[1])
+            return losses.policy_softmax(energy, context, actions, mask, samples, tau=tau, beta=cfg.beta, t=t, key=drop_key)
+        if cfg.kind == "policy_ranking":
+            return losses.policy_ranking(
+                energy, context, actions, mask, samples, tau=tau, weighted=cfg.rank_weighted, key=drop_key
+            )
         if cfg.kind == "infonce_inbatch":
-            return losses.infonce_inbatch(energy, context, actions, mask, tau=cfg.tau, key=drop_key, chunk=cfg.chunk)
+            return losses.infonce_inbatch(energy, context, actions, mask, tau=tau, key=drop_key, chunk=cfg.chunk)
         negatives = sampler(neg_key, actions)
         if cfg.kind == "infonce_explicit":
-            return losses.infonce_explicit(energy, context, actions, mask, negatives, tau=cfg.tau, key=drop_key)
+            return losses.infonce_explicit(energy, context, actions, mask, negatives, tau=tau, key=drop_key)
         if cfg.kind == "hinge":
             return losses.hinge(energy, context, actions, mask, negatives, margin=cfg.margin, key=drop_key)
         return losses.mixed(
-            energy, context, actions, mask, negatives, tau=cfg.tau, margin=cfg.margin,
+            energy, context, actions, mask, negatives, tau=tau, margin=cfg.margin,
             infonce_weight=cfg.weights[0], margin_weight=cfg.weights[1], key=drop_key, chunk=cfg.chunk,
         )
 
     return fn
+
+
+def _policy_samples(policy, key: PRNGKeyArray, obs: Observation, cfg: LossConfig):
+    """K chunks per frame from `policy` (one prefix pass), under stop_gradient: (b k h p) and the
+    prefix features + mask of that pass."""
+    return jax.lax.stop_gradient(
+        policy.sample_actions(key, obs, cfg.policy_sample_steps, num_samples=cfg.num_policy_samples)
+    )
 
 
 def _loss(trainable, frozen, batch, key, *, mode: Mode, loss_cfg: LossConfig, grad_to_backbone: bool):
@@ -78,7 +105,13 @@ def _loss(trainable, frozen, batch, key, *, mode: Mode, loss_cfg: LossConfig, gr
     obs = Observation.from_dict(batch)
     actions = batch["actions"].astype(jnp.float32)
     flow_key, energy_key = jax.random.split(key)
-    if mode == "energy_only":
+    sample_key = jax.random.fold_in(key, 1)  # apart from the split, so the other kinds draw as before
+    action_dim = model.energy.action_dim
+    samples = None
+    if mode == "energy_only" and loss_cfg.kind in POLICY_SAMPLE_KINDS:  # the sampling pass's prefix is the context
+        samples, context, mask = _policy_samples(model.policy, sample_key, obs, loss_cfg)
+        flow = None
+    elif mode == "energy_only":
         context, mask = jax.lax.stop_gradient(model.policy.prefix_features(obs))
         flow = None
     else:
@@ -86,9 +119,16 @@ def _loss(trainable, frozen, batch, key, *, mode: Mode, loss_cfg: LossConfig, gr
         flow = jnp.mean(flow_per_element)
         if mode == "monitor" or not grad_to_backbone:
             context = jax.lax.stop_gradient(context)
-    energy_actions = actions[..., : model.energy.action_dim]
-    energy_loss, metrics = energy_loss_fn(loss_cfg)(model.energy, context, energy_actions, mask, energy_key)
+        if loss_cfg.kind in POLICY_SAMPLE_KINDS:  # the current policy's samples, a constant for the loss
+            samples = _policy_samples(model.policy, sample_key, obs, loss_cfg)[0]
+    if samples is not None:
+        samples = samples[..., :action_dim]
+    energy_loss, metrics = energy_loss_fn(loss_cfg)(
+        model.energy, context, actions[..., :action_dim], mask, energy_key, samples
+    )
     metrics = {f"energy/{k}": v for k, v in metrics.items()}
+    if model.energy.log_tau is not None:
+        metrics["energy/tau"] = jnp.exp(model.energy.log_tau)
     if mode == "energy_only":
         total = energy_loss
     else:
