@@ -285,13 +285,11 @@ def candidate_energies(
     b, m = candidates.shape[:2]
     encodings = jax.vmap(model.encode_context)(context, context_mask)
     keys = None if key is None else jax.random.split(key, (b, m))
-    times = {} if t is None else {"t": t}
 
-    def frame(enc, cands, ks, **time):
-        score = lambda a, k: model.score(enc, a, key=k, inference=inference, **time)  # noqa: E731
-        return jax.vmap(score)(cands, ks)
+    def frame(enc, cands, t, ks):
+        return jax.vmap(lambda a, k: model.score(enc, a, t, key=k, inference=inference))(cands, ks)
 
-    return jax.vmap(frame)(encodings, candidates, keys, **times)
+    return jax.vmap(frame)(encodings, candidates, t, keys)
 
 
 def _candidates_and_energies(model, context, actions, context_mask, samples, t, key, inference):

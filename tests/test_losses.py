@@ -1,3 +1,5 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -220,3 +222,22 @@ def test_noise_to_time_interpolates_noise_and_chunk(key, candidates_reference):
     expected = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * samples
     np.testing.assert_allclose(noised, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(noised[0], samples[0])
+
+
+def test_noised_policy_softmax_matches_numpy(candidates_reference):
+    """With t, every candidate of frame i is noised to t_i (noise from the key's first half) and the
+    time-conditioned energy scores it at t_i; the targets stay those of the clean chunks."""
+    _, (context, actions, mask), samples, _, distances = candidates_reference
+    model = EnergyModel(dataclasses.replace(CFG, time_conditioning=True, dropout=0.0), key=jax.random.key(5))
+    t = jnp.linspace(0.0, 0.9, actions.shape[0])
+    key = jax.random.key(6)
+    loss, _ = policy_softmax(model, context, actions, mask, samples, tau=0.3, beta=1.0, t=t, key=key)
+    cands = jnp.concatenate([actions[:, None], samples], axis=1)
+    noised = noise_to_time(jax.random.split(key)[0], cands, t)
+    per_frame = lambda c, m, row, ti: jax.vmap(lambda a: model(c, a, m, ti))(row)  # noqa: E731
+    energies = np.asarray(jax.vmap(per_frame)(context, mask, noised, t))
+    targets = np.exp(_log_softmax(-1.0 * distances))
+    expected = -np.mean(np.sum(targets * _log_softmax(-energies / 0.3), axis=1))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    clean, _ = policy_softmax(model, context, actions, mask, samples, tau=0.3, beta=1.0, key=key)
+    assert float(clean) != pytest.approx(float(loss))

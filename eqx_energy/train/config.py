@@ -221,6 +221,10 @@ class TrainConfig:
             self.data.batch_size % (self.loss.chunk or self.data.batch_size) == 0,
             "loss.chunk must divide data.batch_size",
         )
+        _require(
+            self.loss.noise_t is None or self.energy.time_conditioning,
+            "loss.noise_t scores noised candidates at their flow time t: set energy.time_conditioning: true",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
