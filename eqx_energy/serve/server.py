@@ -28,8 +28,9 @@ Limits (constructor arguments; `correct.py serve` flags):
 - `max_size` bytes per message (larger: close 1009). One request per connection is handled at a
   time; websockets buffers at most `max_queue` further frames, then stops reading the socket, so a
   connection holds at most (max_queue + 1) x max_size bytes of requests;
-- `max_pending` requests waiting for or in inference over all connections; beyond it the reply is a
-  `ServerBusy` error;
+- `max_pending` requests being decoded, waiting for or in inference over all connections; beyond it
+  the reply is a `ServerBusy` error. Decoding runs off the event loop, so a frame that is slow to
+  decode delays neither health checks, pings nor new connections;
 - `idle_timeout_s`: a connection with no request for that long is closed (code 1000, reason says why);
 - `keepalive_s`: websockets pings every keepalive_s; a peer that does not answer a ping or a close
   within keepalive_s (gone, or no longer reading its replies) is dropped.
@@ -347,22 +348,23 @@ class PolicyServer:
         return None
 
     async def _infer(self, message: str | bytes) -> tuple[dict, float]:
-        """Decode one request, run the policy in the worker (in arrival order); returns (reply, infer_ms)."""
+        """Decode one request off the event loop (a crafted frame can take seconds), then run the policy in
+        the worker (in arrival order); returns (reply, infer_ms). Both count against `max_pending`."""
         if self._pending >= self.max_pending:
             raise ServerBusy(
-                f"{self._pending} requests are already waiting for inference (max_pending={self.max_pending}); "
-                "retry shortly"
+                f"{self._pending} requests are already being decoded or waiting for inference "
+                f"(max_pending={self.max_pending}); retry shortly"
             )
         if isinstance(message, str):
             raise ValueError(
                 "expected a binary frame holding a msgpack observation; got a text frame "
                 f"({len(message)} characters): send `wire.packb(obs)` bytes, as openpi's client does"
             )
-        obs = wire.unpackb(message)
-        if not isinstance(obs, dict):
-            raise ValueError(f"the observation must be a msgpack map (dict); got {type(obs).__name__}")
         self._pending += 1
         try:
+            obs = await asyncio.to_thread(wire.unpackb, message)
+            if not isinstance(obs, dict):
+                raise ValueError(f"the observation must be a msgpack map (dict); got {type(obs).__name__}")
             reply, infer_ms = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_infer, obs)
         finally:
             self._pending -= 1
