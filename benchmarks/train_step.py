@@ -10,7 +10,12 @@ Two measurements, side by side in one run:
    (B=32, S=816, c=2048, h=50, a=7, hidden 512). On an accelerator running both near the same
    utilization, the FLOP ratio is the step-time overhead (seed 000 measured 15% on an A100).
 
-    python benchmarks/train_step.py [--quick] [--skip-real]
+3. With `--policy-samples`: the energy_only step at the metaworld_energy shape (state-only tiny Pi0,
+   72 prompt tokens, horizon 10, b=64) with the in-batch InfoNCE vs `loss.kind: policy_softmax`, which
+   draws K=8 chunks per frame from the frozen policy inside the step, and the sampling alone (what a
+   precomputed sample cache would save per step).
+
+    python benchmarks/train_step.py [--quick] [--skip-real] [--policy-samples]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from _common import compiled_stats, emit, machine, time_interleaved
 from eqx_energy import EnergyConfig, EnergyModel
 from eqx_energy.losses import infonce_inbatch
 from eqx_energy.policy.pi0 import Observation, Pi0, Pi0Config, init_pi0
-from eqx_energy.train.config import LossConfig, OptimConfig
+from eqx_energy.train.config import LossConfig, OptimConfig, TrainConfig, load_config
 from eqx_energy.train.model import RunModel, trainable_spec
 from eqx_energy.train.optim import group_labels, make_optimizer
 from eqx_energy.train.step import init_state, make_train_step
@@ -79,6 +84,39 @@ def measured(batch_size: int, repeats: int) -> dict:
     }
 
 
+def policy_sample_step(repeats: int, *, batch_size: int = 64, num_samples: int = 8) -> dict:
+    """Seconds per energy_only step at the metaworld_energy shape: in-batch InfoNCE vs policy_softmax
+    with K on-the-fly samples (10 and 5 flow steps), and K-sample drawing alone."""
+    cfg = load_config(TrainConfig, "metaworld_energy", overrides=["data.root=unused"])
+    key = jax.random.key(0)
+    model = RunModel(policy=init_pi0(cfg.policy.model, key=key), energy=EnergyModel(cfg.energy, key=key))
+    batch = jax.tree.map(jnp.asarray, _batch(cfg.policy.model, batch_size, np.random.default_rng(0)))
+    trainable, frozen = eqx.partition(model, trainable_spec(model, "energy_only"))
+    params = eqx.filter(trainable, eqx.is_inexact_array)
+    optimizer = make_optimizer(cfg.optim, group_labels(params), total_steps=1000)
+    state = init_state(trainable, optimizer, ema=False)
+    losses = {
+        "inbatch": LossConfig(),
+        "policy_k8_flow10": LossConfig(kind="policy_softmax", num_policy_samples=num_samples, policy_sample_steps=10),
+        "policy_k8_flow5": LossConfig(kind="policy_softmax", num_policy_samples=num_samples, policy_sample_steps=5),
+    }
+    fns = {}
+    for name, loss_cfg in losses.items():
+        step = make_train_step(optimizer, mode="energy_only", loss_cfg=loss_cfg)
+        fns[f"{name}_step"] = functools.partial(
+            lambda step: step(frozen, jax.tree.map(jnp.copy, state), batch, key)[1]["loss"], step
+        )
+    obs = Observation.from_dict(batch)
+    fns["sampling_k8_flow10"] = lambda: model.policy.sample_actions(key, obs, 10, num_samples=num_samples)[0]
+    times = time_interleaved(fns, repeats=repeats)
+    return {
+        "policy_shape": f"metaworld_energy tiny Pi0 (state-only, prefix {cfg.policy.model.prefix_len}), b={batch_size}, "
+        f"h={cfg.policy.model.action_horizon}, K={num_samples}",
+        **{f"{k}_s": v for k, v in times.items()},
+        "policy_k8_flow10_vs_inbatch": times["policy_k8_flow10_step"] / times["inbatch_step"],
+    }
+
+
 def real_shape_flops(batch_size: int) -> dict:
     """FLOPs of the real Pi0 prefix forward vs the energy loss's value-and-grad (compiled, not run)."""
     cfg = Pi0Config()
@@ -120,10 +158,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
     parser.add_argument("--skip-real", action="store_true", help="skip compiling the real-size Pi0 (takes minutes)")
+    parser.add_argument("--policy-samples", action="store_true", help="only the policy-sample step at the metaworld shape")
     args = parser.parse_args()
     result = {"benchmark": "train_step", **machine()}
-    result.update(measured(batch_size=8 if args.quick else 16, repeats=5 if args.quick else 7))
-    if not args.skip_real:
+    if args.policy_samples:
+        result.update(policy_sample_step(repeats=5))
+    else:
+        result.update(measured(batch_size=8 if args.quick else 16, repeats=5 if args.quick else 7))
+    if not (args.skip_real or args.policy_samples):
         result.update(real_shape_flops(batch_size=32))
     for k, v in result.items():
         print(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")
