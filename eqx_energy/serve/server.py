@@ -29,8 +29,9 @@ Limits (constructor arguments; `correct.py serve` flags):
   time; websockets buffers at most `max_queue` further frames, then stops reading the socket, so a
   connection holds at most (max_queue + 1) x max_size bytes of requests;
 - `max_pending` requests being decoded, waiting for or in inference over all connections; beyond it
-  the reply is a `ServerBusy` error. Decoding runs off the event loop, so a frame that is slow to
-  decode delays neither health checks, pings nor new connections;
+  the reply is a `ServerBusy` error. Requests are decoded one at a time in a thread of their own:
+  a frame that is slow to decode (msgpack of many tiny maps: ~1 s and ~70 MB per MiB) then stalls
+  neither health checks, pings, new connections nor inference, and only one expands in memory;
 - `idle_timeout_s`: a connection with no request for that long is closed (code 1000, reason says why);
 - `keepalive_s`: websockets pings every keepalive_s; a peer that does not answer a ping or a close
   within keepalive_s (gone, or no longer reading its replies) is dropped.
@@ -131,7 +132,8 @@ class PolicyServer:
     metadata: dict
     _authorization: bytes | None
     _stop: asyncio.Event
-    _executor: ThreadPoolExecutor
+    _decoder: ThreadPoolExecutor
+    _worker: ThreadPoolExecutor
     _open: int
     _pending: int
 
@@ -252,7 +254,10 @@ class PolicyServer:
                 "set --api-key (or its environment variable) or bind 127.0.0.1", self.host,
             )
         self._stop, self._open, self._pending = stop, 0, 0
-        with ThreadPoolExecutor(1, thread_name_prefix="PolicyServer-infer") as self._executor:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="PolicyServer-decode") as self._decoder,
+            ThreadPoolExecutor(1, thread_name_prefix="PolicyServer-infer") as self._worker,
+        ):
             async with ws_server.serve(
                 self._handle,
                 self.host,
@@ -348,8 +353,8 @@ class PolicyServer:
         return None
 
     async def _infer(self, message: str | bytes) -> tuple[dict, float]:
-        """Decode one request off the event loop (a crafted frame can take seconds), then run the policy in
-        the worker (in arrival order); returns (reply, infer_ms). Both count against `max_pending`."""
+        """Decode one request in the decoder thread, then run the policy in the worker thread (each one
+        at a time, in arrival order); returns (reply, infer_ms). Both count against `max_pending`."""
         if self._pending >= self.max_pending:
             raise ServerBusy(
                 f"{self._pending} requests are already being decoded or waiting for inference "
@@ -360,12 +365,13 @@ class PolicyServer:
                 "expected a binary frame holding a msgpack observation; got a text frame "
                 f"({len(message)} characters): send `wire.packb(obs)` bytes, as openpi's client does"
             )
+        loop = asyncio.get_running_loop()
         self._pending += 1
         try:
-            obs = await asyncio.to_thread(wire.unpackb, message)
+            obs = await loop.run_in_executor(self._decoder, wire.unpackb, message)
             if not isinstance(obs, dict):
                 raise ValueError(f"the observation must be a msgpack map (dict); got {type(obs).__name__}")
-            reply, infer_ms = await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_infer, obs)
+            reply, infer_ms = await loop.run_in_executor(self._worker, self._timed_infer, obs)
         finally:
             self._pending -= 1
         if not isinstance(reply, dict):
