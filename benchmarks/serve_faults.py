@@ -17,12 +17,12 @@ requests, each of a kind drawn (seeded) from:
     slow_reader   3 valid requests pipelined, replies read 0.2 s later -> 3 correct replies, in order
     disconnect    a valid request, or half a frame, then the TCP connection dropped without a close
 
-Two rounds of the mix run back to back; the server's RSS (VmRSS) is read after warm-up and after
-each round, and its peak (VmHWM) at the end, so a leak shows as growth from round 1 to round 2.
+`--rounds` rounds of the mix run back to back; the server's RSS (VmRSS) is read after warm-up and
+after each round, and its peak (VmHWM) at the end, so a leak shows as growth from round to round.
 Then a health check and one valid request must still succeed, and SIGTERM must stop the server
 with exit code 0. The last line printed is JSON.
 
-    python benchmarks/serve_faults.py [--clients 8] [--requests 100] [--seed 0]
+    python benchmarks/serve_faults.py [--clients 8] [--requests 100] [--rounds 2] [--without expansion] [--seed 0]
 """
 
 from __future__ import annotations
@@ -234,6 +234,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=100, help="requests per client and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the mix (RSS is read after each)")
+    parser.add_argument("--without", default="", help="comma-separated kinds to leave out, e.g. expansion")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
@@ -260,10 +262,11 @@ def main() -> int:
                 time.sleep(0.2)
         warm = fault_mix(port, clients=1, requests=10, seed=args.seed + 99, policy=policy)  # compiles
         rss = {"after warm-up": _rss_mib(child.pid)}
+        kinds = {kind: n for kind, n in KINDS.items() if kind not in args.without.split(",")}
         rounds = []
-        for r in range(2):
+        for r in range(args.rounds):
             rounds.append(fault_mix(port, clients=args.clients, requests=args.requests, seed=args.seed + r,
-                                    policy=policy))
+                                    policy=policy, kinds=kinds))
             rss[f"after round {r + 1}"] = _rss_mib(child.pid)
         with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             alive = response.status == 200 and child.poll() is None
@@ -286,17 +289,18 @@ def main() -> int:
         for kind, counts in r["outcomes"].items():
             outcomes.setdefault(kind, Counter()).update(counts)
     total = sum(sum(c.values()) for c in outcomes.values())
-    print(f"{args.clients} clients x {args.requests} requests x 2 rounds = {total} requests "
+    print(f"{args.clients} clients x {args.requests} requests x {args.rounds} rounds = {total} requests "
           f"in {sum(r['seconds'] for r in rounds):.1f} s")
     for kind, counts in sorted(outcomes.items()):
         print(f"  {kind:13s} " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items()))
     print(f"valid round trip: p50 {np.percentile(latency, 50):.2f} ms, p99 {np.percentile(latency, 99):.2f} ms "
           f"(n={latency.size})")
     print("server RSS MiB: " + ", ".join(f"{k} {v['VmRSS']:.0f}" for k, v in rss.items())
-          + f"; peak {rss['after round 2']['VmHWM']:.0f}")
+          + f"; peak {rss[f'after round {args.rounds}']['VmHWM']:.0f}")
     print("violations: " + ("; ".join(violations) if violations else "none") + f"; SIGTERM exit code {code}; "
           f"server log (a traceback per error): {log.name}")
-    emit({"benchmark": "serve_faults", "clients": args.clients, "requests": args.requests, "total": total,
+    emit({"benchmark": "serve_faults", "clients": args.clients, "requests": args.requests, "rounds": args.rounds,
+          "without": args.without, "total": total,
           "outcomes": {k: dict(v) for k, v in outcomes.items()},
           "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
           "rss_mib": rss, "exit_code": code, "violations": violations, "machine": machine()})
