@@ -160,7 +160,8 @@ def test_object_dtype_frame_is_refused_and_the_process_survives():
 @pytest.mark.parametrize(
     ("frame", "match"),
     [
-        (_frame(__ndarray__=True, data=b"\0" * 7, dtype="<f4", shape=[2]), "has 7 bytes but shape \\[2\\] of dtype <f4 needs 2 x 4 = 8"),
+        (_frame(__ndarray__=True, data=b"\0" * 7, dtype="<f4", shape=[2]),
+         "has 7 bytes but shape \\[2\\] of dtype <f4 needs 2 x 4 = 8"),
         (_frame(__ndarray__=True, data=b"\0" * 9, dtype="<f4", shape=[2]), "has 9 bytes"),
         (_frame(__ndarray__=True, data=b"\0" * 8, dtype="<c8", shape=[1]), "dtype '<c8' is not allowed"),
         (_frame(__ndarray__=True, data=b"\0" * 8, dtype="V8", shape=[1]), "dtype 'V8' is not allowed"),

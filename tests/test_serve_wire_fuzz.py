@@ -20,7 +20,8 @@ _scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.flo
     | st.binary(max_size=16)
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6) | st.binary(max_size=13), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6) | st.binary(max_size=13), inner, max_size=4),
     max_leaves=10,
 )
 _shapes = st.lists(st.integers(-2, 6) | st.sampled_from([2**31, 2**63, 0]), max_size=10) | _scalars
@@ -78,8 +79,9 @@ def test_hostile_marker_maps(maps):
 
 def _valid_frame() -> bytes:
     rng = np.random.default_rng(0)
-    return wire.packb({"image": rng.integers(0, 256, (2, 2, 3), dtype=np.uint8), "state": np.arange(3.0, dtype=np.float32),
-                       "prompt": "pick", "flags": np.array([True]), "names": np.array(["ab"]), "n": np.int16(3)})
+    return wire.packb({"image": rng.integers(0, 256, (2, 2, 3), dtype=np.uint8),
+                       "state": np.arange(3.0, dtype=np.float32), "prompt": "pick", "flags": np.array([True]),
+                       "names": np.array(["ab"]), "n": np.int16(3)})
 
 
 _VALID = _valid_frame()
