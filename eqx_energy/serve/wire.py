@@ -31,7 +31,7 @@ import numpy as np
 
 MAX_RANK = 8
 MAX_ELEMENTS = 64 * 2**20
-_KINDS = {"b": "bool", "i": "signed integer", "u": "unsigned integer", "f": "float", "U": "unicode"}
+_KINDS = "biufU"  # bool, signed and unsigned integer, float, unicode
 _DTYPE_STR = re.compile(r"[<>|=]?[biufU][1-9][0-9]{0,8}")  # dtype.str forms: "<f4", "|u1", ">i2", "<U5"
 _SCALAR_TYPES = {"b": bool, "i": int, "u": int, "f": float, "U": str}  # what msgpack decodes x.item() to
 _ARRAY_FIELDS = {b"__ndarray__", b"data", b"dtype", b"shape"}
@@ -50,7 +50,7 @@ def pack_array(obj: Any) -> Any:
     if isinstance(obj, (np.ndarray, np.generic)) and obj.dtype.kind not in _KINDS:
         raise ValueError(
             f"cannot encode an array of dtype {obj.dtype} (kind {obj.dtype.kind!r}): openpi's wire format as "
-            f"this package speaks it carries only the kinds {sorted(_KINDS)} (bool, integer, float, unicode); "
+            f"this package speaks it carries only the kinds {list(_KINDS)} (bool, integer, float, unicode); "
             "convert it first, e.g. split complex values into real and imaginary arrays"
         )
     if isinstance(obj, np.ndarray):
@@ -84,7 +84,7 @@ def _dtype(name: Any) -> np.dtype:
         dtype = None
     if dtype is None or dtype.kind not in _KINDS:
         raise WireError(
-            f"dtype {name!r} is not allowed: send a numpy dtype string of kind {sorted(_KINDS)} "
+            f"dtype {name!r} is not allowed: send a numpy dtype string of kind {list(_KINDS)} "
             "(bool, integer, float, unicode) such as '<f4', '|u1' or '<U8'"
         )
     return dtype
