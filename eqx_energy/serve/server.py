@@ -34,7 +34,8 @@ Limits (constructor arguments; `correct.py serve` flags):
   neither health checks, pings, new connections nor inference, and only one expands in memory;
 - `idle_timeout_s`: a connection with no request for that long is closed (code 1000, reason says why);
 - `keepalive_s`: websockets pings every keepalive_s; a peer that does not answer a ping or a close
-  within keepalive_s (gone, or no longer reading its replies) is dropped.
+  within keepalive_s (gone, or no longer reading its replies) is dropped. An opening handshake must
+  finish within 10 s (websockets' default).
 
 Shutdown (SIGTERM/SIGINT in `serve_forever`, or leaving `running()`): stop accepting connections,
 answer each request already taken, close every connection with 1001 (going away), then return. A
@@ -81,12 +82,14 @@ DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_KEEPALIVE_S = 20.0
 
 _API_KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: safe in an HTTP header value
-_CLIENT_ERRORS = (ValueError, TypeError)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class ServerBusy(Exception):
-    """`max_pending` requests are already waiting for or in inference; the client may retry shortly."""
+    """`max_pending` requests are already being decoded or inferred; the client may retry shortly."""
+
+
+_SHOWN_ERRORS = (ValueError, TypeError, ServerBusy)  # the request's fault: their messages reach the client
 
 
 class _RedactAuthorization(logging.Filter):
@@ -391,7 +394,7 @@ def _error_reply(error: Exception, remote: Any) -> str:
         logger.warning("request %s from %s refused: %s", request_id, remote, error)
     else:
         logger.error("request %s from %s failed", request_id, remote, exc_info=error)
-    if isinstance(error, (*_CLIENT_ERRORS, ServerBusy)):
+    if isinstance(error, _SHOWN_ERRORS):
         detail = " ".join(str(error).split())
     else:
         detail = "internal error; the server log has the traceback"
