@@ -1,11 +1,14 @@
 """A trained run as an openpi-style policy (`infer(obs) -> dict`, `metadata`) for PolicyServer.
 
     obs (the run's dataset keys: image, wrist_image, state, prompt)
-      -> run.transforms.inputs -> Pi0.sample_actions -> [perturb] -> correct (when steps > 0)
+      -> run.transforms.inputs -> energy_sampling.propose (n candidates) -> [perturb] -> energy_sampling.decide
       -> run.transforms.outputs (unnormalize, env dims) -> {"actions": (h, action_dim), "policy_timing"}
 
-`perturb` is the closed-loop noise hook: it sees the sampled chunk in the model's normalized space,
-(b, h, action_dim), and returns it perturbed, before correction (DESIGN: sample -> noise -> correct).
+The method (off, gradient, select, guided, oracle) is an `InferenceConfig`, the same entry point the
+in-process evaluations use, so a served chunk equals the in-process one for the same key. With the
+oracle the reply also carries every candidate in env units, (b, n, h, action_dim), for the caller to pick.
+`perturb` is the closed-loop noise hook: it sees each sampled candidate in the model's normalized space,
+(b, h, action_dim), and returns it perturbed, before the energy acts (DESIGN: sample -> noise -> correct).
 `infer_batch` serves many observations in one policy call (closed-loop evaluation).
 openpi's LIBERO client sends `observation/image`, `observation/wrist_image`, `observation/state`
 (its repack step's names): the `observation/` prefix is dropped on the way in, so that client
@@ -35,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqx_energy.checkpoints.load_run import LoadedRun
-from eqx_energy.correct import CorrectionConfig, correct
+from eqx_energy.correct import CorrectionConfig
 from eqx_energy.data.transforms import Compose
+from eqx_energy.policy.energy_sampling import InferenceConfig, decide, propose
 from eqx_energy.policy.pi0 import Observation
 from eqx_energy.train.inputs import model_inputs
 
@@ -68,8 +72,8 @@ def observation_schema(run: LoadedRun) -> dict[str, dict[str, Any]]:
 
 def _describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
-        return f"a {value.dtype} array of shape {value.shape}"
-    return f"a {type(value).__name__}"
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"a value of type {type(value).__name__}"
 
 
 def _check_value(key: str, value: Any, spec: dict[str, Any]) -> None:
@@ -98,17 +102,22 @@ def _dataset_keys(obs: dict) -> dict:
 
 
 class EnergyPolicy:
-    """openpi BasePolicy shape around a loaded run; `correction=None` uses the run's config,
-    `CorrectionConfig(steps=0)` turns correction off."""
+    """openpi BasePolicy shape around a loaded run. `inference` picks the method; without it the method
+    is gradient correction with `correction` (None: the run's config), off when its steps are 0."""
 
     run: LoadedRun
     correction: CorrectionConfig
+    inference: InferenceConfig
     schema: dict[str, dict[str, Any]]
     metadata: dict
 
-    def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0):
+    def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0,
+                 inference: InferenceConfig | None = None):
         self.run = run
         self.correction = run.cfg.correction if correction is None else correction
+        if inference is None:
+            inference = InferenceConfig(method="gradient" if self.correction.steps > 0 else "off", correction=self.correction)
+        self.inference = inference
         self._inputs = Compose(tuple(run.transforms.inputs))
         self._outputs = Compose(tuple(run.transforms.outputs))
         self._key = jax.random.key(seed)
@@ -127,6 +136,7 @@ class EnergyPolicy:
             "observation_schema": self.schema,
             "correction": {"steps": self.correction.steps, "alpha": float(self.correction.alpha),
                            "clip_frac": float(self.correction.clip_frac), "first_only": self.correction.first_only},
+            "inference": {"method": inference.method, "num_samples": inference.num_samples},
         }
 
     def infer(self, obs: dict) -> dict:
@@ -135,7 +145,8 @@ class EnergyPolicy:
         return {"actions": reply["actions"][0], "policy_timing": reply["policy_timing"]}
 
     def infer_batch(self, observations: list[dict], perturb: Perturb | None = None) -> dict[str, Any]:
-        """b observations in one call -> {"actions": (b, h, action_dim), "policy_timing": {...}}."""
+        """b observations in one call -> {"actions": (b, h, action_dim), "policy_timing": {...}} (oracle: and
+        "candidates", (b, n, h, action_dim))."""
         if not observations:
             raise ValueError("infer_batch needs at least one observation; got an empty list")
         observations = [self.check_observation(obs) for obs in observations]  # before any transform
@@ -145,22 +156,29 @@ class EnergyPolicy:
         key = jax.random.fold_in(self._key, self._calls)
         self._calls += 1
         policy, energy = self.run.model.policy, self.run.model.energy
-        actions, context, mask = policy.sample_actions(key, Observation.from_dict(batch), self.run.cfg.policy.sample_steps)
-        actions = jax.block_until_ready(actions)
+        obs = Observation.from_dict(batch)
+        candidates, context, mask, _ = propose(policy, energy, key, obs, self.inference, self.run.cfg.policy.sample_steps)
+        candidates = jax.block_until_ready(candidates)
         sampled = time.monotonic()
         if perturb is not None:
-            moved = np.asarray(perturb(np.asarray(actions[..., : energy.action_dim])), np.float32)
-            actions = actions.at[..., : energy.action_dim].set(moved)
+            ad = energy.action_dim
+            moved = [perturb(np.asarray(candidates[:, i, :, :ad])) for i in range(candidates.shape[1])]
+            candidates = candidates.at[..., :ad].set(np.stack(moved, axis=1).astype(np.float32))
         timing = {"sample_ms": (sampled - start) * 1000}
         corrected = time.monotonic()
-        if self.correction.steps > 0:
-            actions, _ = correct(energy, context, actions, mask, self.correction)
-            actions = jax.block_until_ready(actions)
+        actions = jax.block_until_ready(decide(energy, context, candidates, mask, self.inference)[0])
         timing["correction_ms"] = (time.monotonic() - corrected) * 1000
-        padded = np.asarray(actions)
-        out = [self._outputs({"state": batch["state"][i], "actions": padded[i]})["actions"] for i in range(len(padded))]
+        reply = {"actions": self._env_actions(batch["state"], actions)}
+        if self.inference.method == "oracle":
+            reply["candidates"] = np.stack([self._env_actions(batch["state"], c) for c in np.moveaxis(np.asarray(candidates), 1, 0)], 1)
         timing["infer_ms"] = (time.monotonic() - start) * 1000
-        return {"actions": self.check_actions(np.stack(out).astype(np.float32), len(observations)), "policy_timing": timing}
+        return {**reply, "policy_timing": timing}
+
+    def _env_actions(self, states: np.ndarray, padded: Any) -> np.ndarray:
+        """Normalized padded chunks (b, h, p) -> checked env-unit actions (b, h, action_dim)."""
+        padded = np.asarray(padded)
+        out = [self._outputs({"state": states[i], "actions": padded[i]})["actions"] for i in range(len(padded))]
+        return self.check_actions(np.stack(out).astype(np.float32), len(padded))
 
     def check_observation(self, obs: Any) -> dict:
         """`obs` cut to the schema's keys, once every one matches (else ObservationError)."""
