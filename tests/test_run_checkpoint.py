@@ -1,6 +1,7 @@
 """Run checkpoints: bit-exact round trip incl. the data iterator, keep-last-N, sharded restore, errors."""
 
 import os
+import shutil
 
 import equinox as eqx
 import grain
@@ -115,6 +116,21 @@ def test_optional_items_and_keep_last_n(tmp_path, key):
         RunCheckpoints(tmp_path).restore(
             params=abstract(params), opt_state=abstract(opt_state), ema=abstract(params)
         )
+
+
+def test_only_the_items_asked_for_are_read(tmp_path, key):
+    """Inference restores the EMA alone: with the optimizer state's files gone it still loads (they
+    are never opened), while a resume, which asks for them, is told they are missing."""
+    params, opt_state, ema = make_state(key)
+    with RunCheckpoints(tmp_path) as ckpt:
+        ckpt.save(3, params=params, opt_state=opt_state, ema=ema, skipped=1, config=CONFIG)
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "opt_state")
+    r = RunCheckpoints(tmp_path).restore(ema=abstract(ema))
+    assert bits(r.ema) == bits(ema) and r.params is None and r.opt_state is None
+    assert r.config == CONFIG and r.skipped == 1
+    assert RunCheckpoints(tmp_path).restore().ema is None  # JSON items only
+    with pytest.raises(CheckpointError, match=r"checkpoints/3 is incomplete or from a different setup: missing opt_state"):
+        RunCheckpoints(tmp_path).restore(params=abstract(params), opt_state=abstract(opt_state))
 
 
 def test_restore_onto_sharded_template(tmp_path, key):
