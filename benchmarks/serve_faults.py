@@ -105,7 +105,9 @@ class _Client:
     def _expect_error(self, frame: bytes | str) -> str:
         self.ws.send(frame)
         reply = self.ws.recv(timeout=TIMEOUT_S)
-        return "error reply" if isinstance(reply, str) and ERROR_REPLY.fullmatch(reply) else f"unexpected: {reply!r:.80}"
+        if isinstance(reply, str) and ERROR_REPLY.fullmatch(reply):
+            return "error reply"
+        return f"unexpected: {reply!r:.80}"
 
     def request(self, kind: str) -> str:
         i = int(self.rng.integers(len(self.observations)))
