@@ -5,7 +5,9 @@
     python correct.py serve  --ckpt RUN [--host 127.0.0.1 --port 8000] [--steps 3 --alpha 0.1 | --no-correction]
                              [--api-key KEY] [--max-connections 16 --max-pending 8 --idle-timeout 600 ...]
     python correct.py eval-sim --ckpt RUN [--tasks reach-v3,...] [--episodes 100] [--seed 100]
-                               [--sigmas 0,0.3,0.5] [--steps 3 --alpha 0.03,0.1] [--out DIR]
+                               [--sigmas 0,0.3,0.5] [--method off,gradient,select,guided,oracle]
+                               [--num-samples 1,4,8,16] [--steps 3 --alpha 0.03,0.1] [--margin 0]
+                               [--guide-scale 0.1,0.3 --schedule linear --query a_hat] [--out DIR]
     python correct.py eval-sim --server HOST:PORT ...   (the same episodes through `serve`)
 
 eval: ranking of expert vs perturbed chunks, correction of perturbed expert chunks and of the
@@ -81,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--clip-frac", type=float)
     sv.add_argument("--first-only", action="store_true")
     sv.add_argument("--no-correction", action="store_true", help="serve the policy's raw samples")
+    sv.add_argument("--method", choices=("select", "guided"),
+                    help="energy-guided inference instead of gradient correction (see eval-sim); default: gradient/off")
+    sv.add_argument("--num-samples", type=int, default=8, help="with --method: candidates per observation")
+    sv.add_argument("--margin", type=float, default=0.0, help="with --method: keep the plain sample unless beaten by this")
+    sv.add_argument("--guide-scale", type=float, default=0.1, help="with --method guided: lambda scale")
+    sv.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"))
+    sv.add_argument("--query", default="a_hat", choices=("a_hat", "x_t"))
     sub.add_parser("eval-sim", help="closed-loop Meta-World evaluation (eqx_energy.sim.evaluate)", add_help=False)
     return parser
 
@@ -117,26 +126,32 @@ def _serve(args: argparse.Namespace) -> int:
     from eqx_energy.checkpoints.load_run import load_run
     from eqx_energy.serve.policy import EnergyPolicy, correction_from
     from eqx_energy.serve.server import PolicyServer
+    from eqx_energy.sim.grid import inference_settings
 
     run = load_run(args.ckpt, use_ema=not args.no_ema)
     correction = correction_from(
         run, steps=0 if args.no_correction else args.steps, alpha=args.alpha, clip_frac=args.clip_frac,
         first_only=True if args.first_only else None,
     )
+    inference = None if args.method is None else inference_settings(
+        run, [args.method], [args.num_samples], steps=[], alphas=[], margin=args.margin, scales=[args.guide_scale],
+        schedule=args.schedule, query=args.query)[0].inference
     api_key = args.api_key if args.api_key is not None else os.environ.get(_API_KEY_ENV)
     server = PolicyServer(
-        EnergyPolicy(run, correction), host=args.host, port=args.port, api_key=api_key,
+        EnergyPolicy(run, correction, inference=inference), host=args.host, port=args.port, api_key=api_key,
         max_connections=args.max_connections, max_pending=args.max_pending, max_queue=args.max_queue,
         max_size=args.max_size, idle_timeout_s=args.idle_timeout_s or None, keepalive_s=args.keepalive_s,
     )
-    print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} (correction steps={correction.steps}, "
+    method = args.method or f"correction steps={correction.steps}"
+    print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} ({method}, "
           f"{'API key required' if api_key is not None else 'no API key'})")
     server.serve_forever()
     return 0
 
 
 def _eval_sim(argv: list[str]) -> int:
-    """Closed loop in Meta-World (eqx_energy.sim): every sigma x {off, each steps x alpha} on the same seeded episodes."""
+    """Closed loop in Meta-World (eqx_energy.sim.grid): every sigma x method setting on the same seeded episodes,
+    each compared with "off" episode by episode (wins, losses, exact McNemar p in paired.json/.md)."""
     from eqx_energy.offline_eval import parse_list
 
     p = argparse.ArgumentParser(prog="correct.py eval-sim", description=_eval_sim.__doc__)
@@ -145,69 +160,64 @@ def _eval_sim(argv: list[str]) -> int:
     p.add_argument("--tasks", default="reach-v3,button-press-v3,drawer-open-v3", help="Meta-World v3 task names")
     p.add_argument("--episodes", type=int, default=100, help="episodes per task and setting")
     p.add_argument("--seed", type=int, default=100, help="episode seed (the training data used MT1 seed 0)")
-    p.add_argument("--sigmas", default="0", help="comma-separated gaussian action noise (env units), added before correction")
+    p.add_argument("--sigmas", default="0", help="comma-separated gaussian action noise (env units), added before the energy acts")
+    p.add_argument("--method", default="off,gradient",
+                   help="comma-separated: off, gradient (steps x alpha), select, guided, oracle (nearest the scripted expert)")
+    p.add_argument("--num-samples", default="8", help="comma-separated candidate counts n (select, guided, oracle)")
     p.add_argument("--steps", help="comma-separated correction steps (default: the run's); 0 = off")
     p.add_argument("--alpha", help="comma-separated correction step sizes (default: the run's)")
     p.add_argument("--clip-frac", type=float)
     p.add_argument("--first-only", action="store_true")
-    p.add_argument("--no-baseline", action="store_true", help="skip the uncorrected policy")
+    p.add_argument("--margin", type=float, default=0.0, help="select/guided: keep the plain sample unless the best beats it by this")
+    p.add_argument("--guide-scale", default="0.1", help="comma-separated guided-sampling scales lambda")
+    p.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"), help="lambda(t) schedule")
+    p.add_argument("--query", default="a_hat", choices=("a_hat", "x_t"), help="guided: where the energy is evaluated")
+    p.add_argument("--no-baseline", action="store_true", help="skip the uncorrected policy (then nothing is paired)")
     p.add_argument("--replan-every", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--batch-envs", type=int, default=16)
     p.add_argument("--image-size", type=int, default=64,
                    help="rendered camera size (the dataset's); a state-only policy renders nothing")
     p.add_argument("--policy-seed", type=int, default=0, help="the policy's sampling key")
-    p.add_argument("--server", help="HOST:PORT of `correct.py serve`: drive the served policy (its own correction; noise after it)")
+    p.add_argument("--server", help="HOST:PORT of `correct.py serve`: drive the served policy (its own method; noise after it)")
     p.add_argument("--out", help="output dir (default: RUN/eval_sim); if it holds files, the next free OUT-N")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (args.ckpt is None) == (args.server is None):
         raise ValueError(f"eval-sim needs exactly one of --ckpt (in process) or --server HOST:PORT; "
                          f"got --ckpt={args.ckpt}, --server={args.server}")
-    import time
-
     from eqx_energy._files import unused_dir
     from eqx_energy.checkpoints.load_run import load_run
     from eqx_energy.serve.client import PolicyClient
-    from eqx_energy.serve.policy import correction_from
-    from eqx_energy.sim.evaluate import evaluate
-    from eqx_energy.sim.policy_adapter import SimPolicy, client_policy_fn, needs_images
+    from eqx_energy.sim import grid
     from eqx_energy.sim.report import markdown_table, write_report
 
     tasks, sigmas = args.tasks.split(","), parse_list(args.sigmas, float, "--sigmas")
     common = dict(seed=args.seed, replan_every=args.replan_every, max_steps=args.max_steps, batch_envs=args.batch_envs,
                   image_size=args.image_size, progress=not args.no_progress)
-    runs = {}
     if args.server:
         host, _, port = args.server.rpartition(":")
         with PolicyClient(host, int(port), api_key=os.environ.get(_API_KEY_ENV), wait_s=60.0) as client:
-            common["render_images"] = needs_images(client.metadata)
-            for sigma in sigmas:
-                runs[f"served sigma={sigma:g}"] = evaluate(client_policy_fn(client), tasks, args.episodes,
-                                                            noise_sigma=sigma, **common)
+            runs = grid.served_grid(client, tasks, args.episodes, sigmas, **common)
         out = Path(args.out or "eval_sim_served")
     else:
         run = load_run(args.ckpt, use_ema=not args.no_ema)
-        steps = parse_list(args.steps, int, "--steps") if args.steps else [run.cfg.correction.steps]
-        alphas = parse_list(args.alpha, float, "--alpha") if args.alpha else [float(run.cfg.correction.alpha)]
-        settings = [] if args.no_baseline else [("off", 0, None)]
-        settings += [(f"k={k} alpha={a:g}", k, a) for k in steps if k > 0 for a in alphas]
-        common["render_images"] = run.cfg.data.image_key is not None
-        for sigma in sigmas:
-            for name, k, alpha in settings:
-                correction = correction_from(run, steps=k, alpha=alpha, clip_frac=args.clip_frac,
-                                             first_only=True if args.first_only else None)
-                adapter = SimPolicy(run, correction, seed=args.policy_seed)
-                start = time.perf_counter()
-                runs[f"{name} sigma={sigma:g}"] = result = evaluate(adapter, tasks, args.episodes, noise_sigma=sigma,
-                                                                    act=adapter.act, **common)
-                result.settings.update(correction=adapter.policy.metadata["correction"], run=str(run.run_dir),
-                                       step=run.step, wall_s=time.perf_counter() - start)
-                print(f"{name} sigma={sigma:g}: " + ", ".join(f"{r.task} {r.success_rate:.2f}" for r in result.tasks),
-                      flush=True)
+        methods = [m for m in args.method.split(",") if not (args.no_baseline and m == "off")]
+        settings = grid.inference_settings(
+            run, methods, parse_list(args.num_samples, int, "--num-samples"),
+            steps=parse_list(args.steps, int, "--steps") if args.steps else [run.cfg.correction.steps],
+            alphas=parse_list(args.alpha, float, "--alpha") if args.alpha else [float(run.cfg.correction.alpha)],
+            clip_frac=args.clip_frac, first_only=args.first_only, margin=args.margin,
+            scales=parse_list(args.guide_scale, float, "--guide-scale"), schedule=args.schedule, query=args.query,
+        )
+        runs = grid.run_grid(run, settings, tasks, args.episodes, sigmas, policy_seed=args.policy_seed, **common)
         out = Path(args.out) if args.out else run.run_dir / "eval_sim"
-    paths = write_report(runs, unused_dir(out))
+    out = unused_dir(out)
+    paths = write_report(runs, out)
+    baselines = grid.baselines_for(runs)
+    paths |= grid.write_paired(runs, baselines, out)
     print(markdown_table(runs))
+    print((out / "paired.md").read_text())
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0
 

@@ -3,6 +3,8 @@
 State-only is the efficacy experiment's setting (configs/metaworld_energy.yaml); rendering in the closed
 loop is covered by test_sim_evaluate, image policies by the tiny_run tests."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -134,11 +136,16 @@ def test_eval_sim_cli_writes_every_setting(run_dir, tmp_path, capsys):
     rc = correct_cli.main(["eval-sim", "--ckpt", str(run_dir), "--tasks", "reach-v3", "--episodes", "2",
                            "--max-steps", "4", "--replan-every", "2", "--sigmas", "0,0.5",
                            "--steps", "2", "--alpha", "0.05,0.2", "--batch-envs", "2", "--out", str(out),
-                           "--no-progress"])
+                           "--method", "off,gradient,select,oracle", "--num-samples", "2", "--no-progress"])
     assert rc == 0
     results = load_results(out / "results.json")
-    names = [f"{c} sigma={s}" for s in ("0", "0.5") for c in ("off", "k=2 alpha=0.05", "k=2 alpha=0.2")]
+    names = [f"{c} sigma={s}" for s in ("0", "0.5") for c in ("off", "k=2 alpha=0.05", "k=2 alpha=0.2", "select N=2", "oracle N=2")]
     assert list(results) == names
+    paired = json.loads((out / "paired.json").read_text())
+    assert set(paired) == set(names) - {"off sigma=0", "off sigma=0.5"}
+    assert paired["select N=2 sigma=0.5"]["baseline"] == "off sigma=0.5"
+    assert results["oracle N=2 sigma=0"].settings["inference"] == {"method": "oracle", "num_samples": 2}
+    assert results["select N=2 sigma=0"].settings["infer_ms_per_call"] > 0
     assert all(r["reach-v3"].episodes == 2 for r in results.values())
     assert results["off sigma=0.5"].settings["correction"]["steps"] == 0
     assert results["k=2 alpha=0.2 sigma=0"].settings["correction"]["alpha"] == pytest.approx(0.2)

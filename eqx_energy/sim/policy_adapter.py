@@ -10,6 +10,13 @@ normalized space, where u = unnormalize(1) - unnormalize(0) per action dim. Unno
 so without correction the executed chunk is exactly policy + sigma * eps in env units, as for the
 scripted expert; with correction the energy sees the noisy chunk and moves it.
 
+With an `InferenceConfig` the adapter runs any method (off, gradient, select, guided); the oracle
+method also needs `oracle`, a reference policy_fn (the scripted expert): of the n candidates (noise
+included) it executes the one whose first action is nearest the reference's first action in env units,
+after the clip to [-1, 1] that execution applies. Only the first action: `ExpertPolicy` has no
+look-ahead (it repeats the current action), so later steps of its chunk are not the expert's plan.
+`calls` and `infer_ms` add up the policy's own time per call (the oracle's reference not included).
+
 `client_policy_fn(client)` drives a PolicyServer one observation per request (openpi's client loop);
 the server's policy owns correction, and noise can only be added after it (`noise_after_policy`).
 """
@@ -24,6 +31,7 @@ from jaxtyping import Float
 from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.correct import CorrectionConfig
 from eqx_energy.data.transforms import Compose
+from eqx_energy.policy.energy_sampling import InferenceConfig
 from eqx_energy.serve.client import PolicyClient
 from eqx_energy.serve.policy import EnergyPolicy
 from eqx_energy.sim.evaluate import Observation, PolicyFn
@@ -43,16 +51,30 @@ class SimPolicy:
     """evaluate()'s policy_fn (obs list -> (b, h, a) env-space chunks) with the noise-before-correction `act` hook."""
 
     policy: EnergyPolicy
+    calls: int
+    infer_ms: float
 
-    def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0):
-        self.policy = EnergyPolicy(run, correction, seed=seed)
+    def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0,
+                 inference: InferenceConfig | None = None, oracle: PolicyFn | None = None):
+        self.policy = EnergyPolicy(run, correction, seed=seed, inference=inference)
+        if (self.policy.inference.method == "oracle") != (oracle is not None):
+            raise ValueError(f"SimPolicy: the oracle method needs `oracle` (a reference policy_fn such as ExpertPolicy) "
+                             f"and no other method takes one; got method={self.policy.inference.method!r}, "
+                             f"oracle={oracle!r}")
+        self._oracle = oracle
         self._scale = 1.0 / env_units_per_normalized(run)
         self._noise: np.ndarray | None = None  # (rows, h, a) normalized noise for the next call, set by act
+        self.calls, self.infer_ms = 0, 0.0
 
     def __call__(self, observations: list[Observation]) -> Float[np.ndarray, "b h a"]:
         noise, self._noise = self._noise, None
         perturb = None if noise is None else (lambda chunk: _add_rows(chunk, noise))
-        return self.policy.infer_batch(observations, perturb)["actions"]
+        reply = self.policy.infer_batch(observations, perturb)
+        self.calls += 1
+        self.infer_ms += reply["policy_timing"]["infer_ms"]
+        if self._oracle is None:
+            return reply["actions"]
+        return nearest_candidate(reply["candidates"], np.asarray(self._oracle(observations), np.float32))
 
     def act(self, policy_fn: PolicyFn, observations: list[Observation], sigma: float,
             rngs: Sequence[np.random.Generator]) -> Float[np.ndarray, "b h a"]:
@@ -65,6 +87,12 @@ class SimPolicy:
             return np.asarray(policy_fn(observations), np.float32)
         finally:
             self._noise = None
+
+
+def nearest_candidate(candidates: Float[np.ndarray, "b n h a"], reference: Float[np.ndarray, "b h a"]) -> Float[np.ndarray, "b h a"]:
+    """Per row, the candidate whose first action, clipped to [-1, 1], is nearest (L2) the reference's first action."""
+    distance = np.sum(np.square(np.clip(candidates[:, :, 0], -1.0, 1.0) - reference[:, None, 0]), axis=-1)
+    return candidates[np.arange(len(candidates)), np.argmin(distance, axis=1)]
 
 
 def _add_rows(chunk: Float[np.ndarray, "b h a"], noise: Float[np.ndarray, "r h a"]) -> Float[np.ndarray, "b h a"]:
