@@ -63,6 +63,10 @@ class EnergyConfig:
     output_offset: float | None = None
     max_horizon: int = 256
     time_conditioning: bool = False  # E(c, a, t): a time embedding added to the action tokens
+    # The seed's φ_a starts with a LayerNorm over the a action dims of each step, which makes E blind to
+    # each step's scale and offset (E(c, s a_t + m) = E(c, a_t)): with a = 2 or 4 it sees little more
+    # than a direction. False feeds the raw normalized actions to φ_a (same weights, LayerNorm unused).
+    action_input_norm: bool = True
 
     def __post_init__(self):
         if self.output not in _OUTPUT_DEFAULTS:
@@ -106,24 +110,29 @@ class ResidualBlock(eqx.Module):
 
 
 class MLPResNet(eqx.Module):
-    """LayerNorm(i) -> Linear(i, d) -> ReLU -> n residual blocks -> LayerNorm(d) -> Linear(d, o)."""
+    """LayerNorm(i) -> Linear(i, d) -> ReLU -> n residual blocks -> LayerNorm(d) -> Linear(d, o).
+
+    `norm_input=False` skips the first LayerNorm (its weights stay, unused, so the tree is unchanged)."""
 
     in_norm: eqx.nn.LayerNorm
     inp: eqx.nn.Linear
     blocks: tuple[ResidualBlock, ...]
     out_norm: eqx.nn.LayerNorm
     out: eqx.nn.Linear
+    norm_input: bool = eqx.field(static=True)
 
-    def __init__(self, num_blocks: int, in_dim: int, hidden: int, out_dim: int, *, key: PRNGKeyArray):
+    def __init__(self, num_blocks: int, in_dim: int, hidden: int, out_dim: int, *, key: PRNGKeyArray,
+                 norm_input: bool = True):
         inp_key, out_key, *block_keys = jax.random.split(key, num_blocks + 2)
         self.in_norm = eqx.nn.LayerNorm(in_dim)
         self.inp = eqx.nn.Linear(in_dim, hidden, key=inp_key)
         self.blocks = tuple(ResidualBlock(hidden, key=k) for k in block_keys)
         self.out_norm = eqx.nn.LayerNorm(hidden)
         self.out = eqx.nn.Linear(hidden, out_dim, key=out_key)
+        self.norm_input = norm_input
 
     def __call__(self, x: Float[Array, " i"]) -> Float[Array, " o"]:
-        x = jax.nn.relu(self.inp(self.in_norm(x)))
+        x = jax.nn.relu(self.inp(self.in_norm(x) if self.norm_input else x))
         for block in self.blocks:
             x = block(x)
         return self.out(self.out_norm(x))
@@ -168,7 +177,8 @@ class EnergyModel(eqx.Module):
         ctx_key, act_key, q_key, k_key, v_key, o_key, head_key = jax.random.split(key, 7)
         d = config.hidden
         self.context_proj = MLPResNet(config.context_blocks, config.context_dim, d, d, key=ctx_key)
-        self.action_proj = MLPResNet(config.action_blocks, config.action_dim, d, d, key=act_key)
+        self.action_proj = MLPResNet(config.action_blocks, config.action_dim, d, d, key=act_key,
+                                     norm_input=config.action_input_norm)
         self.action_dropout = eqx.nn.Dropout(config.dropout)
         self.query = eqx.nn.Linear(d, d, key=q_key)
         self.key_proj = eqx.nn.Linear(d, d, key=k_key)

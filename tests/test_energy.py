@@ -167,3 +167,17 @@ def test_time_conditioned_energy_depends_on_t(key):
     np.testing.assert_allclose(model.score(enc, actions, jnp.float32(0.7)), model(context, actions, mask, 0.7), rtol=1e-6)
     scores = jax.vmap(lambda t: model.score(enc, actions, t))(jnp.asarray([0.0, 0.7]))
     np.testing.assert_allclose(scores, [clean, model(context, actions, mask, 0.7)], rtol=1e-6)
+
+
+def test_action_input_norm_off_sees_the_scale_and_offset_of_each_step(key):
+    """The seed's input LayerNorm over the action dims makes E invariant to a_t -> s a_t + m per step;
+    `action_input_norm=False` removes that blindness and keeps the parameter tree."""
+    context, actions, mask = _inputs(key)
+    seed_format = EnergyModel(CFG, key=key)
+    raw = EnergyModel(dataclasses.replace(CFG, action_input_norm=False), key=key)
+    moved = 3.0 * actions + 0.7
+    np.testing.assert_allclose(seed_format(context, moved, mask), seed_format(context, actions, mask), rtol=1e-5)
+    assert abs(float(raw(context, moved, mask)) - float(raw(context, actions, mask))) > 1e-3
+    assert jax.tree.structure(jax.tree.leaves(seed_format)) == jax.tree.structure(jax.tree.leaves(raw))
+    for x, y in zip(jax.tree.leaves(seed_format), jax.tree.leaves(raw)):
+        np.testing.assert_array_equal(x, y)
