@@ -30,7 +30,7 @@ from eqx_energy.data.transforms import Group
 from eqx_energy.policy.tokenizer import PaligemmaTokenizer
 from eqx_energy.train.config import TrainConfig, from_dict, load_config
 from eqx_energy.train.inputs import CONFIG_COPY_FILE, NORM_STATS_FILE, TOKENIZER_FILE, run_transforms
-from eqx_energy.train.model import RunModel, init_model
+from eqx_energy.train.model import RunModel, init_model, is_inexact
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def load_run(path: str | os.PathLike, *, use_ema: bool = True) -> LoadedRun:
         tokenizer = PaligemmaTokenizer(
             _asset(cfg.policy.tokenizer, run_dir, TOKENIZER_FILE, "tokenizer"), max_len=cfg.policy.model.max_token_len
         )
-        trainable, frozen = init_model(cfg)
-        template = abstract(eqx.filter(trainable, eqx.is_inexact_array))
+        trainable, frozen = init_model(cfg, restoring=True)
+        template = abstract(eqx.filter(trainable, is_inexact))
         del trainable  # freed before the trained copy is read
         has_ema = cfg.optim.ema_decay is not None and use_ema
         if has_ema:

@@ -32,6 +32,13 @@ class RunModel(eqx.Module):
     energy: EnergyModel
 
 
+def is_inexact(x: object) -> bool:
+    """A float/complex array, or the ShapeDtypeStruct of one (a leaf built as shapes only)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jnp.issubdtype(x.dtype, jnp.inexact)
+    return eqx.is_inexact_array(x)
+
+
 def trainable_spec(model: RunModel, mode: Mode) -> PyTree:
     """A tree of bools, shaped like `model`: True where a leaf is trained in `mode`."""
     if mode not in ("energy_only", "joint", "monitor"):
@@ -39,7 +46,7 @@ def trainable_spec(model: RunModel, mode: Mode) -> PyTree:
     train_policy = mode in ("joint", "monitor")
     train_energy = mode in ("joint", "energy_only")
     off = lambda tree: jax.tree.map(lambda _: False, tree)  # noqa: E731
-    on = lambda tree: jax.tree.map(eqx.is_inexact_array, tree)  # noqa: E731
+    on = lambda tree: jax.tree.map(is_inexact, tree)  # noqa: E731
     return RunModel(
         policy=on(model.policy) if train_policy else off(model.policy),
         energy=on(model.energy) if train_energy else off(model.energy),
@@ -63,10 +70,13 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return model_key, train_key
 
 
-def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
-    """The policy (from the openpi checkpoint, or freshly initialized) and a fresh energy head."""
+def build_model(cfg: TrainConfig, key: jax.Array, *, policy_shapes_only: bool = False) -> RunModel:
+    """The policy (from the openpi checkpoint, or freshly initialized; only its ShapeDtypeStructs with
+    `policy_shapes_only`) and a fresh energy head."""
     policy_key, energy_key = jax.random.split(key)
-    if cfg.policy.checkpoint:
+    if policy_shapes_only:
+        policy = eqx.filter_eval_shape(Pi0, cfg.policy.model, key=policy_key)  # what init_pi0 returns, uncomputed
+    elif cfg.policy.checkpoint:
         policy: Pi0 = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model)
     else:
         policy = init_pi0(cfg.policy.model, key=policy_key)
@@ -74,12 +84,16 @@ def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
     return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key, learn_tau=learn_tau))
 
 
-def init_model(cfg: TrainConfig) -> tuple[RunModel, RunModel]:
+def init_model(cfg: TrainConfig, *, restoring: bool = False) -> tuple[RunModel, RunModel]:
     """(trainable, frozen): `build_model` from `run_keys(cfg.train.seed)`, partitioned by
-    `train.mode`; in energy_only mode the frozen policy is cast to `policy.frozen_dtype`. A resumed
-    or served run rebuilds the frozen half bit for bit from this and restores the trainable half."""
-    model = build_model(cfg, run_keys(cfg.train.seed)[0])
+    `train.mode`; in energy_only mode the frozen policy is cast to `policy.frozen_dtype`. A served
+    run rebuilds the frozen half bit for bit from this and restores the trainable half over it;
+    `restoring` skips initializing a trainable fresh policy (its leaves are ShapeDtypeStructs, the
+    restore template), which would only be thrown away."""
+    shapes_only = restoring and cfg.train.mode != "energy_only" and not cfg.policy.checkpoint
+    model = build_model(cfg, run_keys(cfg.train.seed)[0], policy_shapes_only=shapes_only)
     trainable, frozen = eqx.partition(model, trainable_spec(model, cfg.train.mode))
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)), "a frozen leaf was not built"
     if cfg.train.mode == "energy_only":
         frozen = cast_frozen(frozen, cfg.policy.frozen_dtype)
     return trainable, frozen
