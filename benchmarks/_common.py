@@ -95,6 +95,19 @@ def energy_batch(shape: dict, batch: int, *, action_dim: int, seed: int = 0):
     return jnp.asarray(context), jnp.asarray(actions), jnp.asarray(mask)
 
 
+def policy_batch(cfg, batch: int, rng: np.random.Generator) -> dict:
+    """A random Pi0 batch dict (images in [-1, 1], state, full prompt, actions) in openpi's layout."""
+    res = cfg.image_resolution
+    return {
+        "image": {k: rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32) for k in cfg.image_keys},
+        "image_mask": {k: np.ones(batch, bool) for k in cfg.image_keys},
+        "state": rng.normal(size=(batch, cfg.action_dim)).astype(np.float32),
+        "tokenized_prompt": rng.integers(1, cfg.vocab_size, (batch, cfg.max_token_len)).astype(np.int32),
+        "tokenized_prompt_mask": np.ones((batch, cfg.max_token_len), bool),
+        "actions": rng.normal(size=(batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
+    }
+
+
 def shapes_of(tree):
     """The `jax.ShapeDtypeStruct` of every array leaf (for lowering without data)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

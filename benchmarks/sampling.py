@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import compiled_stats, emit, machine, time_interleaved
+from _common import compiled_stats, emit, machine, policy_batch, time_interleaved
 from eqx_energy.energy import EnergyConfig, EnergyModel
 from eqx_energy.policy.energy_sampling import GuidanceConfig, guided_sample, sample_actions_with_energy_correction
 from eqx_energy.policy.pi0 import Observation, Pi0, Pi0Config, init_pi0
@@ -35,17 +35,6 @@ from eqx_energy.select import score_candidates, select
 from eqx_energy.train.config import TrainConfig, load_config
 
 NUM_STEPS = 10
-
-
-def _obs(cfg: Pi0Config, b: int, rng: np.random.Generator) -> dict:
-    r = cfg.image_resolution
-    return {
-        "image": {k: rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32) for k in cfg.image_keys},
-        "image_mask": {k: np.ones(b, bool) for k in cfg.image_keys},
-        "state": rng.normal(size=(b, cfg.action_dim)).astype(np.float32),
-        "tokenized_prompt": rng.integers(1, cfg.vocab_size, (b, cfg.max_token_len)).astype(np.int32),
-        "tokenized_prompt_mask": np.arange(cfg.max_token_len)[None].repeat(b, 0) < 12,
-    }
 
 
 @contextlib.contextmanager
@@ -65,7 +54,7 @@ def real_shape_flops(num_samples: int) -> dict:
     is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
     params, static = eqx.partition(eqx.filter_eval_shape(Pi0, cfg, key=jax.random.key(0)), is_leaf)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
-    obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _obs(cfg, 1, np.random.default_rng(0)))
+    obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), policy_batch(cfg, 1, np.random.default_rng(0)))
     h, p, ad = cfg.action_horizon, cfg.action_dim, 7
     prefix = eqx.filter_eval_shape(lambda pr, o: eqx.combine(pr, static).prefill(Observation.from_dict(o)), params, obs)
 
@@ -106,7 +95,7 @@ def metaworld_times(num_samples: int, batch: int, repeats: int) -> dict:
     cfg = load_config(TrainConfig, "metaworld_energy", overrides=["data.root=unused"])
     policy = init_pi0(cfg.policy.model, key=jax.random.key(0))
     energy = EnergyModel(cfg.energy, key=jax.random.key(1))
-    obs = Observation.from_dict(jax.tree.map(jnp.asarray, _obs(cfg.policy.model, batch, np.random.default_rng(0))))
+    obs = Observation.from_dict(jax.tree.map(jnp.asarray, policy_batch(cfg.policy.model, batch, np.random.default_rng(0))))
     key = jax.random.key(2)
 
     def best_of_n():
@@ -133,7 +122,7 @@ def kv_cache_check(repeats: int) -> dict:
     cfg = Pi0Config.dummy(siglip_variant="tiny", vocab_size=1024, dtype="float32")
     policy = init_pi0(cfg, key=jax.random.key(0))
     energy = EnergyModel(EnergyConfig(context_dim=cfg.prefix_width, action_dim=7, hidden=512, num_heads=8), key=jax.random.key(1))
-    obs = Observation.from_dict(jax.tree.map(jnp.asarray, _obs(cfg, 1, np.random.default_rng(0))))
+    obs = Observation.from_dict(jax.tree.map(jnp.asarray, policy_batch(cfg, 1, np.random.default_rng(0))))
     key = jax.random.key(2)
     times = time_interleaved({
         "cached": lambda: policy.sample_actions(key, obs, NUM_STEPS)[0],

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import compiled_stats, emit, machine, time_interleaved
+from _common import compiled_stats, emit, machine, policy_batch, time_interleaved
 from eqx_energy import EnergyConfig, EnergyModel
 from eqx_energy.losses import infonce_inbatch
 from eqx_energy.policy.pi0 import Observation, Pi0, Pi0Config, init_pi0
@@ -38,25 +38,13 @@ from eqx_energy.train.optim import group_labels, make_optimizer
 from eqx_energy.train.step import init_state, make_train_step
 
 
-def _batch(cfg: Pi0Config, batch: int, rng: np.random.Generator) -> dict:
-    res = cfg.image_resolution
-    return {
-        "image": {k: rng.uniform(-1, 1, (batch, res, res, 3)).astype(np.float32) for k in cfg.image_keys},
-        "image_mask": {k: np.ones(batch, bool) for k in cfg.image_keys},
-        "state": rng.normal(size=(batch, cfg.action_dim)).astype(np.float32),
-        "tokenized_prompt": rng.integers(1, cfg.vocab_size, (batch, cfg.max_token_len)).astype(np.int32),
-        "tokenized_prompt_mask": np.ones((batch, cfg.max_token_len), bool),
-        "actions": rng.normal(size=(batch, cfg.action_horizon, cfg.action_dim)).astype(np.float32),
-    }
-
-
 def measured(batch_size: int, repeats: int) -> dict:
     cfg = Pi0Config.tiny()
     key = jax.random.key(0)
     policy = init_pi0(cfg, key=key)
     energy_cfg = EnergyConfig(context_dim=cfg.prefix_width, action_dim=4, hidden=64, num_heads=4, output="softplus")
     model = RunModel(policy=policy, energy=EnergyModel(energy_cfg, key=key))
-    batch = jax.tree.map(jnp.asarray, _batch(cfg, batch_size, np.random.default_rng(0)))
+    batch = jax.tree.map(jnp.asarray, policy_batch(cfg, batch_size, np.random.default_rng(0)))
     obs = Observation.from_dict(batch)
 
     forward = eqx.filter_jit(lambda p, o: p.prefix_features(o))
@@ -90,7 +78,7 @@ def policy_sample_step(repeats: int, *, batch_size: int = 64, num_samples: int =
     cfg = load_config(TrainConfig, "metaworld_energy", overrides=["data.root=unused"])
     key = jax.random.key(0)
     model = RunModel(policy=init_pi0(cfg.policy.model, key=key), energy=EnergyModel(cfg.energy, key=key))
-    batch = jax.tree.map(jnp.asarray, _batch(cfg.policy.model, batch_size, np.random.default_rng(0)))
+    batch = jax.tree.map(jnp.asarray, policy_batch(cfg.policy.model, batch_size, np.random.default_rng(0)))
     trainable, frozen = eqx.partition(model, trainable_spec(model, "energy_only"))
     params = eqx.filter(trainable, eqx.is_inexact_array)
     optimizer = make_optimizer(cfg.optim, group_labels(params), total_steps=1000)
@@ -124,7 +112,7 @@ def real_shape_flops(batch_size: int) -> dict:
     is_leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
     params, static = eqx.partition(abstract_policy, is_leaf)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
-    batch = _batch(cfg, 1, np.random.default_rng(0))
+    batch = policy_batch(cfg, 1, np.random.default_rng(0))
     obs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype), batch)
     del obs["actions"]
 
