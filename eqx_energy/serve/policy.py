@@ -29,6 +29,7 @@ Keys outside the schema are ignored (openpi's transforms ignore them too). A vio
 
 from __future__ import annotations
 
+import reprlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -188,7 +189,7 @@ class EnergyPolicy:
         missing = [k for k in self.schema if k not in obs]
         if missing:
             raise ObservationError(f"observation is missing {missing}: expected the keys {list(self.schema)} "
-                                   f"(metadata['observation_schema']), got {sorted(map(str, obs))}")
+                                   f"(metadata['observation_schema']), got {reprlib.repr(sorted(map(str, obs)))}")
         for key, spec in self.schema.items():
             _check_value(key, obs[key], spec)
         return {k: obs[k] for k in self.schema}

@@ -17,12 +17,14 @@ from the other end of a socket, so decoding trusts nothing: a marker map must ha
 fields with their types, a dtype string of an allowed kind, a shape of at most `MAX_RANK`
 non-negative ints and `MAX_ELEMENTS` elements, data of exactly prod(shape) * itemsize bytes, and
 unicode arrays only valid code points. Anything else, malformed msgpack included, raises
-`WireError` naming the problem (numpy would otherwise build object arrays of raw pointers from the
-sender's bytes, and the first read of one crashes the process).
+`WireError` naming the problem, with the sender's values shortened by reprlib (the message goes
+back to the sender). Unchecked, numpy would build object arrays of raw pointers from the sender's
+bytes, and the first read of one crashes the process.
 """
 
 import math
 import re
+import reprlib
 from typing import Any
 
 import jax
@@ -72,7 +74,7 @@ def _check_fields(obj: dict, marker: bytes, fields: set[bytes]) -> None:
     if set(obj) != fields or obj[marker] is not True:
         raise WireError(
             f"a {marker.decode()} map must have exactly the fields {sorted(fields)} with {marker!r} True; "
-            f"got the fields {sorted(map(repr, obj))} and {marker!r} {obj[marker]!r}"
+            f"got the fields {reprlib.repr(list(obj))} and {marker!r} {reprlib.repr(obj[marker])}"
         )
 
 
@@ -84,7 +86,7 @@ def _dtype(name: Any) -> np.dtype:
         dtype = None
     if dtype is None or dtype.kind not in _KINDS:
         raise WireError(
-            f"dtype {name!r} is not allowed: send a numpy dtype string of kind {list(_KINDS)} "
+            f"dtype {reprlib.repr(name)} is not allowed: send a numpy dtype string of kind {list(_KINDS)} "
             "(bool, integer, float, unicode) such as '<f4', '|u1' or '<U8'"
         )
     return dtype
@@ -96,9 +98,9 @@ def _array(obj: dict) -> np.ndarray:
     if not isinstance(data, bytes):
         raise WireError(f"__ndarray__ data must be msgpack bin (bytes); got {type(data).__name__}")
     if not (isinstance(shape, (list, tuple)) and all(type(d) is int and d >= 0 for d in shape)):
-        raise WireError(f"__ndarray__ shape must be a list of non-negative ints; got {shape!r}")
+        raise WireError(f"__ndarray__ shape must be a list of non-negative ints; got {reprlib.repr(shape)}")
     if len(shape) > MAX_RANK:
-        raise WireError(f"__ndarray__ rank {len(shape)} exceeds the limit of {MAX_RANK} dims; got shape {shape}")
+        raise WireError(f"__ndarray__ rank {len(shape)} exceeds the limit of {MAX_RANK} dims")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # a 0 dim counts as 1: numpy still sizes the rest
         raise WireError(f"__ndarray__ shape {shape} exceeds the limit of {MAX_ELEMENTS} elements")
     size = math.prod(shape)
