@@ -24,7 +24,7 @@ DEMO_RUN ?= runs/demo
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/meta/info.json || $(PY) -m eqx_energy.sim.generate --out $(DEMO_DATA)
 	$(PY) train.py --config demo --run-dir $(DEMO_RUN) --set data.root=$(DEMO_DATA)
-	$(PY) correct.py --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/eval
+	$(PY) correct.py --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/eval --alpha-sweep 0.03,0.1,0.3 --num-samples 1,2,4,8
 
 # The closed-loop experiment of EFFICACY.md: state-only demos -> policy + energy -> tune alpha on seeds 200
 # -> report on seeds 100. EFF_ALPHA is the tune step's choice for the committed config (EFFICACY.md, session 3);

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--correct-sigma", type=float, default=0.3, help="perturbation that correction must undo")
     ev.add_argument("--clip-frac", type=float)
     ev.add_argument("--first-only", action="store_true")
+    ev.add_argument("--num-samples", default="1,2,4,8", help="comma-separated candidate counts n for selection/guidance")
+    ev.add_argument("--guide-scales", default="0.3,1", help="comma-separated guided-sampling scales (lambda = scale (1 - t))")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="output dir (default: RUN/correct_eval); if it holds files, the next free OUT-N")
     sv = sub.add_parser("serve", help="websocket policy server (openpi protocol)")
@@ -102,12 +104,17 @@ def _eval(args: argparse.Namespace) -> int:
     alphas = oe.parse_list(args.alpha_sweep, float, "--alpha-sweep") if args.alpha_sweep else None
     steps = oe.parse_list(args.steps, int, "--steps") if args.steps else None
     sigmas = oe.parse_list(args.sigmas, float, "--sigmas")
+    num_samples = oe.parse_list(args.num_samples, int, "--num-samples")
+    guide_scales = oe.parse_list(args.guide_scales, float, "--guide-scales")
+    if min(num_samples) < 1:
+        raise ValueError(f"--num-samples must all be >= 1; got {args.num_samples!r}")
     if args.frames < 1 or args.batch_size < 1:
         raise ValueError(f"--frames and --batch-size must be >= 1; got {args.frames}, {args.batch_size}")
     run = load_run(args.ckpt, use_ema=not args.no_ema)
     settings = oe.settings_for(
         run, alphas, steps, frames=args.frames, batch_size=args.batch_size, sigmas=sigmas,
         correct_sigma=args.correct_sigma, clip_frac=args.clip_frac, first_only=args.first_only, seed=args.seed,
+        num_samples=num_samples, guide_scales=guide_scales,
     )
     source = oe.holdout_source(run, args.data, args.split)
     frames = oe.load_frames(run, source, settings.frames)

@@ -11,6 +11,13 @@ normalized action space, first `action_dim` dims:
     policy       a_0 = policy.sample_actions (prefix features from the same pass), then `correct`:
                  what `sample_actions_with_energy_correction` composes; energy before/after,
                  ||a_corr - a_0||, MSE to a* before/after
+    candidates   n policy samples per frame (candidate 0 = a_0; candidate i from key split(key, n)[i],
+                 so the first n of max(n) are the n-sample draw): ranking of a* against them
+                 (`policy_samples` in ranking), and per n the MSE to a* of the plain sample, the
+                 lowest-energy candidate (eqx_energy.select), the nearest one (the oracle), top-1
+                 agreement with the oracle and the mean Spearman correlation of E with ||a - a*||²;
+                 guided sampling (eqx_energy.policy.energy_sampling, lambda = scale (1 - t), then
+                 selection) per guidance scale and n
 
 MSEs average over valid chunk steps (frames past an episode's end are excluded).
 """
@@ -34,7 +41,9 @@ from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.correct import CorrectionConfig, correct, energy_and_grad
 from eqx_energy.data.source import LeRobotSource
 from eqx_energy.data.transforms import Compose
+from eqx_energy.policy.energy_sampling import GuidanceConfig, InferenceConfig, infer
 from eqx_energy.policy.pi0 import Observation
+from eqx_energy.select import score_candidates, select
 from eqx_energy.train.inputs import model_inputs
 
 
@@ -52,6 +61,8 @@ class EvalSettings:
     steps: tuple[int, ...] = (3,)
     clip_frac: float = 0.2
     first_only: bool = False
+    num_samples: tuple[int, ...] = (1, 2, 4, 8)  # candidates per frame for selection and guidance
+    guide_scales: tuple[float, ...] = (0.3, 1.0)  # guided sampling's lambda scale
     seed: int = 0
 
 
@@ -122,7 +133,7 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
     action_dim = energy.action_dim
     grid = list(itertools.product(settings.steps, settings.alphas))
     key = jax.random.key(settings.seed)
-    acc: dict[str, list] = {"expert": [], "neg": {}, "pert": {}, "policy": {}, "base": [], "valid": []}
+    acc: dict[str, list] = {"expert": [], "neg": {}, "pert": {}, "policy": {}, "valid": []}
     batches = [frames[i : i + settings.batch_size] for i in range(0, len(frames), settings.batch_size)]
     for index, batch in enumerate(tqdm(batches, desc="evaluate")):
         data = _stack(batch)
@@ -131,7 +142,10 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
         expert = expert_padded[..., :action_dim]
         obs = Observation.from_dict(data)
         neg_key, pert_key, sample_key = jax.random.split(jax.random.fold_in(key, index), 3)
-        sampled, context, mask = policy.sample_actions(sample_key, obs, run.cfg.policy.sample_steps)
+        candidates, context, mask = policy.sample_actions(
+            sample_key, obs, run.cfg.policy.sample_steps, num_samples=max(settings.num_samples)
+        )
+        sampled = candidates[:, 0]  # the plain sample: candidate 0 of every n
         acc["valid"].append(valid)
         acc["expert"].append((expert, _energies(energy, context, jnp.asarray(expert), mask)))
         for name, neg in _negatives(neg_key, expert, settings.sigmas).items():
@@ -139,7 +153,7 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
         noise = settings.correct_sigma * np.asarray(jax.random.normal(pert_key, expert.shape))
         perturbed = expert_padded.copy()
         perturbed[..., :action_dim] += noise
-        acc["base"].append(np.asarray(sampled[..., :action_dim]))
+        _candidate_results(acc, run, obs, sample_key, (candidates, context, mask), settings)
         for steps, alpha in grid:
             cfg = CorrectionConfig(steps=steps, alpha=alpha, clip_frac=settings.clip_frac, first_only=settings.first_only)
             for name, start in (("pert", perturbed), ("policy", sampled)):
@@ -149,6 +163,67 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
                      np.asarray(trace.energy), np.asarray(trace.clipped))
                 )
     return _summarize(acc, grid)
+
+
+def _candidate_results(acc: dict, run: LoadedRun, obs: Observation, key, drawn: tuple, settings: EvalSettings):
+    """Per n: the energies of the `drawn` (candidates, context, mask) from `key` (the first n of them
+    are the n-sample draw) and the selected chunk; per (guidance scale, n): the guided-then-selected
+    chunk from the same key. Appended to `acc`."""
+    policy, energy = run.model.policy, run.model.energy
+    action_dim, steps = energy.action_dim, run.cfg.policy.sample_steps
+    candidates, context, mask = drawn
+    scores = np.asarray(score_candidates(
+        energy, jax.vmap(energy.encode_context)(context, mask), candidates[..., :action_dim].astype(jnp.float32)
+    ))
+    acc.setdefault("sample_energies", []).append(scores)
+    acc.setdefault("samples", []).append(np.asarray(candidates[..., :action_dim]))
+    for n in settings.num_samples:
+        chosen, _ = select(energy, context, candidates[:, :n], mask)
+        acc.setdefault("selected", {}).setdefault(n, []).append(np.asarray(chosen[..., :action_dim]))
+    query = "x_t" if energy.config.time_conditioning else "a_hat"
+    for scale, n in itertools.product(settings.guide_scales, settings.num_samples):
+        config = InferenceConfig(method="guided", num_samples=n, guidance=GuidanceConfig(scale=scale, query=query))
+        guided, _ = infer(policy, energy, key, obs, config, steps)
+        acc.setdefault("guided", {}).setdefault((scale, n), []).append(np.asarray(guided[..., :action_dim]))
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over rows of the rank correlation of x and y (b n), n >= 2."""
+    rx, ry = np.argsort(np.argsort(x, axis=1), axis=1), np.argsort(np.argsort(y, axis=1), axis=1)
+    rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
+    return float(np.mean(np.sum(rx * ry, axis=1) / np.sqrt(np.sum(rx**2, axis=1) * np.sum(ry**2, axis=1))))
+
+
+def _summarize_candidates(acc: dict, expert: np.ndarray, e_expert: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
+    """The `selection` and `guided` report sections (module doc)."""
+    energies = np.concatenate(acc["sample_energies"])
+    # each candidate's squared error summed over the valid steps (mean over dims): _mse's numerator
+    per_step = np.mean(np.square(np.concatenate(acc["samples"]) - expert[:, None]), axis=-1)
+    distances = np.sum(per_step * valid[:, None], axis=-1)
+    plain = float(np.sum(distances[:, 0]) / max(np.sum(valid), 1))  # candidate 0, the plain sample
+    rows = []
+    for n, parts in acc["selected"].items():
+        e, d = energies[:, :n], distances[:, :n]
+        nearest = d.argmin(axis=1)
+        rows.append({
+            "n": n,
+            "mse_plain": plain,
+            "mse_selected": _mse(np.concatenate(parts), expert, valid),
+            "mse_oracle": float(np.sum(d[np.arange(len(d)), nearest]) / max(np.sum(valid), 1)),
+            "top1_agreement": float(np.mean(e.argmin(axis=1) == nearest)),
+            "rank_corr": _spearman(e, d) if n > 1 else None,
+        })
+    guided = [
+        {"scale": scale, "n": n, "mse_guided": _mse(np.concatenate(parts), expert, valid)}
+        for (scale, n), parts in acc["guided"].items()
+    ]
+    ranking = {
+        "accuracy": float(np.mean(e_expert[:, None] < energies)),
+        "auc": roc_auc(e_expert, energies.ravel()),
+        "e_expert": float(e_expert.mean()),
+        "e_negative": float(energies.mean()),
+    }
+    return {"ranking": ranking, "selection": rows, "guided": guided}
 
 
 def _summarize(acc: dict, grid: list[tuple[int, float]]) -> dict[str, Any]:
@@ -182,11 +257,18 @@ def _summarize(acc: dict, grid: list[tuple[int, float]]) -> dict[str, Any]:
                 "clipped_frac": float(clipped.mean()) if clipped.size else 0.0,
             }
         rows.append(row)
+    candidates = _summarize_candidates(acc, expert, e_expert, valid)
     return {
         "frames": int(expert.shape[0]),
-        "ranking": ranking,
+        "ranking": {**ranking, "policy_samples": candidates["ranking"]},
         "correction": rows,
-        "energies": {"expert": e_expert.tolist(), **{k: np.concatenate(v).tolist() for k, v in acc["neg"].items()}},
+        "selection": candidates["selection"],
+        "guided": candidates["guided"],
+        "energies": {
+            "expert": e_expert.tolist(),
+            **{k: np.concatenate(v).tolist() for k, v in acc["neg"].items()},
+            "policy_samples": np.concatenate(acc["sample_energies"]).tolist(),  # (frames, max n)
+        },
     }
 
 
@@ -207,6 +289,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{q['mse_before']:>8.4f}{'':>3}{q['mse_after']:>8.4f}"
         )
     lines.append("(normalized action space; mse* = MSE of the policy's sample to the expert chunk)")
+    head = f"{'n':>3} | {'MSE plain':>10}{'selected':>10}{'oracle':>10} | {'top-1 = oracle':>15}{'rank corr':>10}"
+    lines += ["", head, "-" * len(head)]
+    for row in report["selection"]:
+        corr = "" if row["rank_corr"] is None else f"{row['rank_corr']:.3f}"
+        lines.append(f"{row['n']:>3} | {row['mse_plain']:>10.4f}{row['mse_selected']:>10.4f}{row['mse_oracle']:>10.4f}"
+                     f" | {row['top1_agreement']:>15.3f}{corr:>10}")
+    lines.append("(best-of-n by energy among the policy's n samples vs the one nearest the expert; chance top-1 = 1/n)")
+    lines += ["", f"{'guidance':>8}{'n':>4} | {'MSE guided':>10}"]
+    lines += [f"{g['scale']:>8g}{g['n']:>4} | {g['mse_guided']:>10.4f}" for g in report["guided"]]
     return "\n".join(lines)
 
 
@@ -239,17 +330,38 @@ def save_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "sweep.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+    paths.append(_plot_selection(plt, report, out_dir / "selection.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     energies = report["energies"]
     for name, values in energies.items():
-        ax.hist(values, bins=30, alpha=0.5 if name == "expert" else 0.35, label=name, histtype="stepfilled")
-    ax.set(xlabel="energy", ylabel="frames", title="energy: expert vs perturbed chunks")
+        ax.hist(np.ravel(values), bins=30, alpha=0.5 if name == "expert" else 0.35, label=name, histtype="stepfilled")
+    ax.set(xlabel="energy", ylabel="chunks", title="energy: expert vs perturbed chunks and policy samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / "energy_hist.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _plot_selection(plt, report: dict[str, Any], path: Path) -> Path:
+    """MSE to the expert vs n: plain sample, selected, guided (per scale) and the oracle."""
+    rows = sorted(report["selection"], key=lambda r: r["n"])
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, [r["mse_plain"] for r in rows], color="gray", lw=1, label="plain sample")
+    ax.plot(ns, [r["mse_selected"] for r in rows], "o-", label="selected (lowest energy)")
+    for scale in sorted({g["scale"] for g in report["guided"]}):
+        guided = sorted((g for g in report["guided"] if g["scale"] == scale), key=lambda g: g["n"])
+        ax.plot([g["n"] for g in guided], [g["mse_guided"] for g in guided], "^--", label=f"guided, scale {scale:g}")
+    ax.plot(ns, [r["mse_oracle"] for r in rows], "k:", label="oracle (nearest)")
+    ax.set(xscale="log", xticks=ns, xticklabels=[str(n) for n in ns], xlabel="candidates n",
+           ylabel="MSE to expert", title="best of n policy samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def parse_list(text: str, kind: type, name: str) -> tuple:

@@ -41,16 +41,30 @@ def test_eval_writes_report_table_and_plots(tiny, tmp_path, capsys):
     run_dir, _ = tiny
     out = tmp_path / "eval"
     rc = correct_cli.main(["--ckpt", str(run_dir), "--frames", "6", "--batch-size", "3", "--alpha-sweep", "0.01,0.3",
-                           "--steps", "0,2", "--sigmas", "0.5", "--out", str(out)])
+                           "--steps", "0,2", "--sigmas", "0.5", "--num-samples", "1,3", "--guide-scales", "0,0.5",
+                           "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert (out / "sweep.png").stat().st_size > 0 and (out / "energy_hist.png").stat().st_size > 0
-    assert report["frames"] == 6 and set(report["ranking"]) == {"gauss_0.5", "shuffle", "other_chunk"}
+    for plot in ("sweep.png", "energy_hist.png", "selection.png"):
+        assert (out / plot).stat().st_size > 0
+    assert report["frames"] == 6
+    assert set(report["ranking"]) == {"gauss_0.5", "shuffle", "other_chunk", "policy_samples"}
     e = report["energies"]
     for name, r in report["ranking"].items():
         expert, neg = np.array(e["expert"]), np.array(e[name])
-        assert r["accuracy"] == pytest.approx(np.mean(expert < neg))
-        assert r["auc"] == pytest.approx(roc_auc(expert, neg))
+        pairs = expert[:, None] < neg if neg.ndim == 2 else expert < neg  # policy samples: (frames, n)
+        assert r["accuracy"] == pytest.approx(np.mean(pairs))
+        assert r["auc"] == pytest.approx(roc_auc(expert, neg.ravel()))
+    assert np.array(e["policy_samples"]).shape == (6, 3)
+    one, three = sorted(report["selection"], key=lambda r: r["n"])
+    # n = 1: the one candidate is the plain sample, its own oracle
+    assert one["mse_selected"] == pytest.approx(one["mse_plain"]) == pytest.approx(one["mse_oracle"])
+    assert one["top1_agreement"] == 1.0 and one["rank_corr"] is None
+    assert three["mse_oracle"] <= min(three["mse_selected"], three["mse_plain"]) and -1 <= three["rank_corr"] <= 1
+    guided = {(g["scale"], g["n"]): g["mse_guided"] for g in report["guided"]}
+    assert set(guided) == {(0.0, 1), (0.0, 3), (0.5, 1), (0.5, 3)}
+    assert guided[(0.0, 1)] == pytest.approx(one["mse_plain"])  # no guidance, one candidate: the plain sample
+    assert guided[(0.0, 3)] == pytest.approx(three["mse_selected"])  # no guidance: selection alone
     rows = {(r["steps"], r["alpha"]): r for r in report["correction"]}
     assert set(rows) == {(0, 0.01), (0, 0.3), (2, 0.01), (2, 0.3)}
     for (steps, _), row in rows.items():
@@ -62,8 +76,23 @@ def test_eval_writes_report_table_and_plots(tiny, tmp_path, capsys):
     # the perturbed start and the expert are the same for every setting (one seed)
     assert len({round(r["pert"]["mse_before"], 6) for r in rows.values()}) == 1
     assert rows[(2, 0.3)]["pert"]["change"] > rows[(2, 0.01)]["pert"]["change"] > 0
+    assert rows[(0, 0.01)]["policy"]["mse_before"] == pytest.approx(one["mse_plain"])  # correction starts at candidate 0
     table = capsys.readouterr().out
-    assert "auc" in table and "gauss_0.5" in table and str(out / "report.json") in table
+    assert "auc" in table and "gauss_0.5" in table and "oracle" in table and str(out / "report.json") in table
+
+
+def test_eval_never_overwrites_an_earlier_evaluation(tiny, tmp_path, capsys):
+    """The same --out twice: the second report goes to OUT-2 (printed), the first stays byte for byte."""
+    run_dir, _ = tiny
+    out = tmp_path / "eval"
+    argv = ["--ckpt", str(run_dir), "--frames", "3", "--batch-size", "3", "--steps", "1", "--sigmas", "0.5",
+            "--out", str(out)]
+    assert correct_cli.main([*argv, "--seed", "1"]) == 0
+    first = (out / "report.json").read_bytes()
+    assert correct_cli.main([*argv, "--seed", "2"]) == 0
+    assert str(tmp_path / "eval-2" / "report.json") in capsys.readouterr().out
+    assert (out / "report.json").read_bytes() == first
+    assert (tmp_path / "eval-2" / "report.json").read_bytes() != first  # another seed, another report
 
 
 def test_errors_are_one_line_with_nonzero_exit(tiny, tmp_path, capsys):
