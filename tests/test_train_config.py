@@ -214,3 +214,25 @@ def test_real_groups_and_array_fields_round_trip():
     assert np.asarray(again.correction.alpha).tobytes() == np.asarray(cfg.correction.alpha).tobytes()
     with pytest.raises(ConfigError, match="key 'energy.output' expects one of 'sigmoid'"):
         from_dict(Run, {"energy": {"context_dim": 16, "action_dim": 4, "output": "sigmod"}})
+
+
+def test_policy_sample_loss_options_are_checked():
+    """noise_t: an ordered range in [0, 1], policy_softmax only, and a time-conditioned energy;
+    learn_tau needs a temperature (not hinge)."""
+    from eqx_energy.train.config import TrainConfig
+
+    base = load_config(TrainConfig, "metaworld_energy_select")
+    assert base.loss.kind == "policy_softmax" and base.loss.num_policy_samples == 8
+    with pytest.raises(ValueError, match="loss.noise_t must be"):
+        LossConfig(kind="policy_softmax", noise_t=(0.8, 0.2))
+    with pytest.raises(ValueError, match="loss.noise_t must be"):
+        LossConfig(kind="policy_ranking", noise_t=(0.0, 1.0))
+    with pytest.raises(ValueError, match="learn_tau"):
+        LossConfig(kind="hinge", learn_tau=True)
+    with pytest.raises(ConfigError, match="energy.time_conditioning"):
+        load_config(TrainConfig, "metaworld_energy_select", overrides=["loss.noise_t=[0.0, 1.0]"])
+    noised = load_config(
+        TrainConfig, "metaworld_energy_select",
+        overrides=["loss.noise_t=[0.0, 1.0]", "energy.time_conditioning=true"],
+    )
+    assert noised.loss.noise_t == (0.0, 1.0)
