@@ -355,8 +355,10 @@ def _plot_selection(plt, report: dict[str, Any], path: Path) -> Path:
         guided = sorted((g for g in report["guided"] if g["scale"] == scale), key=lambda g: g["n"])
         ax.plot([g["n"] for g in guided], [g["mse_guided"] for g in guided], "^--", label=f"guided, scale {scale:g}")
     ax.plot(ns, [r["mse_oracle"] for r in rows], "k:", label="oracle (nearest)")
-    ax.set(xscale="log", xticks=ns, xticklabels=[str(n) for n in ns], xlabel="candidates n",
-           ylabel="MSE to expert", title="best of n policy samples")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()  # else log-axis minor labels (3 x 10^0) crowd the n ticks
+    ax.set(xticks=ns, xticklabels=[str(n) for n in ns], xlabel="candidates n", ylabel="MSE to expert",
+           title="best of n policy samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
