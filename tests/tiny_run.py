@@ -28,7 +28,7 @@ def make_tiny_run(tmp) -> tuple:
                              "image_resolution": 16, "vocab_size": 48, "dtype": "float32", "action_dim": 8},
                    "frozen_dtype": None, "sample_steps": 2},
         "energy": {"context_dim": 64, "action_dim": 2, "hidden": 16, "num_heads": 2, "output": "softplus",
-                   "max_horizon": 4},
+                   "max_horizon": 4, "action_input_norm": False},  # a LayerNorm over 2 dims leaves E ~flat in a
         "data": {"root": str(data), "action_dim": 2, "holdout_fraction": 0.34, "batch_size": 8},
         "optim": {"warmup_steps": 1, "ema_decay": 0.9},
         "train": {"mode": "joint", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
