@@ -14,9 +14,6 @@ import serve_faults  # noqa: E402  (the benchmark directory is not a package)
 from eqx_energy.serve import PolicyClient, PolicyServer  # noqa: E402
 
 MAX_SIZE = 512 * 1024  # above the mix's 0.3 MB observations; keeps the oversize frames small
-# Without "expansion": its half a million msgpack maps each pass through the type-checked decoder hook
-# under pytest (minutes); the benchmark runs it.
-KINDS = {kind: n for kind, n in serve_faults.KINDS.items() if kind != "expansion"}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +24,7 @@ def policy():
 def test_fault_mix_is_answered_and_the_server_survives(policy):
     with PolicyServer(policy, port=0, max_size=MAX_SIZE, max_connections=12, max_pending=6).running() as port:
         result = serve_faults.fault_mix(port, clients=3, requests=12, seed=0, policy=policy, max_size=MAX_SIZE,
-                                        kinds=KINDS)
+                                        kinds=serve_faults.KINDS)
         with PolicyClient("127.0.0.1", port, wait_s=10.0) as client:  # still serving, correctly
             reply = client.infer(serve_faults.libero_obs(0))
     assert result["violations"] == []

@@ -208,6 +208,16 @@ def test_valid_edge_frames_decode():
     assert wire.unpackb(_frame(__npgeneric__=True, data=-3, dtype="<i2")) == np.int16(-3)
 
 
+def test_frames_of_many_small_containers_are_refused_within_the_item_budget():
+    """16 MiB of one-byte maps would decode to ~10^7 dicts: one long list or many nested ones both stop."""
+    with pytest.raises(wire.WireError, match="max_array_len"):
+        wire.unpackb(msgpack.packb([{}] * (wire.MAX_ITEMS + 1)))
+    with pytest.raises(wire.WireError, match=f"more than {wire.MAX_ITEMS}"):
+        wire.unpackb(msgpack.packb([[{"a": 1}] * 1000] * 100))
+    within = [[{"a": 1}] * 100] * 100  # 100 + 100 * 100 + 100 * 100 items
+    assert wire.unpackb(msgpack.packb(within)) == within
+
+
 def test_encoder_refuses_what_the_decoder_refuses():
     for value in (np.array([b"ab"]), np.array(["2020-01-01"], dtype="M8[D]")):
         with pytest.raises(ValueError, match="cannot encode an array of dtype"):

@@ -16,7 +16,7 @@ and numpy scalars; everything else decodes as msgpack's defaults (str keys, list
 from the other end of a socket, so decoding trusts nothing: a marker map must have exactly its
 fields with their types, a dtype string of an allowed kind, a shape of at most `MAX_RANK`
 non-negative ints and `MAX_ELEMENTS` elements, data of exactly prod(shape) * itemsize bytes, and
-unicode arrays only valid code points. Anything else, malformed msgpack included, raises
+unicode arrays only valid code points; maps and lists hold at most `MAX_ITEMS` entries in all. Anything else, malformed msgpack included, raises
 `WireError` naming the problem, with the sender's values shortened by reprlib (the message goes
 back to the sender). Unchecked, numpy would build object arrays of raw pointers from the sender's
 bytes, and the first read of one crashes the process.
@@ -33,6 +33,9 @@ import numpy as np
 
 MAX_RANK = 8
 MAX_ELEMENTS = 64 * 2**20
+MAX_ITEMS = 2**16
+"""Map entries plus list elements in one frame: an observation has a few keys, its arrays travel as bin. Without
+a cap, 16 MiB of one-byte maps decode to ~10^7 Python dicts (about 70x the frame in memory)."""
 _KINDS = "biufU"  # bool, signed and unsigned integer, float, unicode
 _DTYPE_STR = re.compile(r"[<>|=]?[biufU][1-9][0-9]{0,8}")  # dtype.str forms: "<f4", "|u1", ">i2", "<U5"
 _SCALAR_TYPES = {"b": bool, "i": int, "u": int, "f": float, "U": str}  # what msgpack decodes x.item() to
@@ -138,6 +141,27 @@ def unpack_array(obj: dict) -> Any:
     return obj
 
 
+class _ItemBudget:
+    """msgpack hooks that count every decoded map entry and list element against `MAX_ITEMS`; the count
+    grows as each container completes, so a frame of many small containers stops after ~MAX_ITEMS objects."""
+
+    def __init__(self):
+        self.items = 0
+
+    def _spend(self, n: int) -> None:
+        self.items += n
+        if self.items > MAX_ITEMS:
+            raise WireError(f"frame holds more than {MAX_ITEMS} map entries and list elements in all")
+
+    def map(self, obj: dict) -> Any:
+        self._spend(len(obj))
+        return unpack_array(obj)
+
+    def list(self, obj: list) -> list:
+        self._spend(len(obj))
+        return obj
+
+
 def packer() -> msgpack.Packer:
     """A reusable packer (`packer().pack(obj) -> bytes`), as a connection keeps one."""
     return msgpack.Packer(default=pack_array)
@@ -153,8 +177,10 @@ def unpackb(data: Any) -> Any:
     Raises WireError for anything that is not a valid frame (a text frame included; see the module docstring)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"a frame must be bytes; got {type(data).__name__}")
+    budget = _ItemBudget()
     try:
-        return msgpack.unpackb(data, object_hook=unpack_array)
+        return msgpack.unpackb(data, object_hook=budget.map, list_hook=budget.list,
+                               max_map_len=MAX_ITEMS, max_array_len=MAX_ITEMS)
     except WireError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as e:  # msgpack's: truncated, extra data, bad utf-8, ...
