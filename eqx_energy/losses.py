@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from eqx_energy._typing import BatchActions, BatchContext, BatchContextMask, Scalar
 from eqx_energy.energy import ContextEncoding, EnergyModel
+from eqx_energy.select import score_candidates
 
 LOGIT_CLAMP = 50.0
 METRIC_KEYS = ("loss", "e_pos", "e_neg", "accuracy", "logit_min", "logit_max", "energy_std")
@@ -271,27 +272,6 @@ def noise_to_time(
     return t * eps + (1.0 - t) * candidates
 
 
-def candidate_energies(
-    model: EnergyModel,
-    context: BatchContext,
-    context_mask: BatchContextMask,
-    candidates: Float[Array, "b m h a"],
-    *,
-    t: Float[Array, " b"] | None = None,
-    key: PRNGKeyArray | None = None,
-    inference: bool = False,
-) -> Float[Array, "b m"]:
-    """E(c_i, a_ik) (at noise level t_i when given), each context encoded once."""
-    b, m = candidates.shape[:2]
-    encodings = jax.vmap(model.encode_context)(context, context_mask)
-    keys = None if key is None else jax.random.split(key, (b, m))
-
-    def frame(enc, cands, t, ks):
-        return jax.vmap(lambda a, k: model.score(enc, a, t, key=k, inference=inference))(cands, ks)
-
-    return jax.vmap(frame)(encodings, candidates, t, keys)
-
-
 def _candidates_and_energies(model, context, actions, context_mask, samples, t, key, inference):
     """(candidates [a*, samples] (b m h a), their distances to a* (b m), energies (b m))."""
     if samples.shape[0] != actions.shape[0] or samples.shape[2:] != actions.shape[1:]:
@@ -306,7 +286,8 @@ def _candidates_and_energies(model, context, actions, context_mask, samples, t, 
         if noise_key is None:
             raise ValueError("noised candidates (t given) need a key for the noise draws; pass key=")
         candidates = noise_to_time(noise_key, candidates, t)
-    energies = candidate_energies(model, context, context_mask, candidates, t=t, key=drop_key, inference=inference)
+    encodings = jax.vmap(model.encode_context)(context, context_mask)
+    energies = score_candidates(model, encodings, candidates, t, key=drop_key, inference=inference)
     return distances, energies
 
 

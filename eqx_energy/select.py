@@ -16,7 +16,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from eqx_energy._typing import BatchContext, BatchContextMask, PaddedActions
 from eqx_energy.correct import CorrectionConfig, correct
@@ -41,11 +41,24 @@ class SelectionTrace(eqx.Module):
 
 
 def score_candidates(
-    model: EnergyModel, encodings: ContextEncoding, candidates: Float[Array, "b n h a"], t: FlowTime = None
+    model: EnergyModel,
+    encodings: ContextEncoding,
+    candidates: Float[Array, "b n h a"],
+    t: FlowTime | Float[Array, " b"] = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool = True,
 ) -> Float[Array, "b n"]:
-    """E(c_b, a_bi [, t]) for every candidate of every example, each context encoded once (in `encodings`)."""
-    per_example = lambda enc, a: jax.vmap(lambda x: model.score(enc, x, t))(a)
-    return jax.vmap(per_example)(encodings, candidates)
+    """E(c_b, a_bi [, t_b]) for every candidate of every example, each context encoded once (in `encodings`);
+    t is shared or one per example; `key` (with inference=False) draws dropout per candidate."""
+    b, n = candidates.shape[:2]
+    times = None if t is None else jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    keys = None if key is None else jax.random.split(key, (b, n))
+
+    def per_example(enc, cands, t_b, ks):
+        return jax.vmap(lambda a, k: model.score(enc, a, t_b, key=k, inference=inference))(cands, ks)
+
+    return jax.vmap(per_example)(encodings, candidates, times, keys)
 
 
 def choose(
