@@ -61,14 +61,34 @@ def test_rmsnorm_and_adaptive_rmsnorm_match_numpy():
     np.testing.assert_allclose(np.asarray(gate), g, rtol=1e-5, atol=1e-5)
 
 
-def test_rmsnorm_bf16_rounds_one_plus_scale():
-    # openpi's bf16 inference: 1 + bf16(1e-3) == 1, so the norm is the plain normalisation.
-    x = jnp.asarray(RNG.normal(size=(2, 4)), jnp.bfloat16)
-    norm = jax.tree.map(lambda _: jnp.full((4,), 1e-3, jnp.bfloat16), RMSNorm(4))
-    y, _ = norm(x)
-    xf = np.asarray(x, np.float32)
-    want = (xf / np.sqrt(np.mean(xf**2, -1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+def test_norms_with_bf16_params_sum_one_plus_scale_in_f32():
+    """bf16 params: y = bf16(n * (1 + scale) [+ shift]) with the sums in f32, rounded once (openpi's XLA).
+
+    Scales in [1e-3, 3.5e-3] vanish from a bf16 `1 + scale` (it rounds to 1), so that formula differs."""
+    bf16, rng = jnp.bfloat16, np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 16)), bf16)
+    scale = jnp.asarray(rng.uniform(1e-3, 3.5e-3, size=16), bf16)
+    shift = jnp.asarray(rng.uniform(-1e-2, 1e-2, size=16), bf16)
+    xf, sf, hf = (np.asarray(a, np.float32) for a in (x, scale, shift))
+    n = xf / np.sqrt(np.mean(xf**2, -1, keepdims=True) + 1e-6)
+    bf16_sum = np.asarray(1 + scale, np.float32)  # the old formula's factor: all ones
+    assert (bf16_sum == 1).all()
+
+    y, _ = jax.tree.map(lambda _: scale, RMSNorm(16))(x)
+    want = (n * (1 + sf)).astype(bf16)
+    np.testing.assert_array_equal(np.asarray(y), want)
+    assert (want != (n * bf16_sum).astype(bf16)).mean() > 0.25
+
+    # adaptive: a zero kernel makes the modulation the bias, [scale, shift, gate], exactly
+    gate = jnp.asarray(rng.normal(size=16), bf16)
+    ada = AdaRMSNorm.__new__(AdaRMSNorm)
+    object.__setattr__(ada, "kernel", jnp.zeros((4, 48), bf16))
+    object.__setattr__(ada, "bias", jnp.concatenate([scale, shift, gate]))
+    y, g = ada(x, jnp.ones((4,), bf16))
+    want = (n * (1 + sf) + hf).astype(bf16)
+    np.testing.assert_array_equal(np.asarray(y), want)
+    assert (want != (n * bf16_sum + hf).astype(bf16)).mean() > 0.25
+    assert g.dtype == bf16 and np.array_equal(np.asarray(g), np.asarray(gate))
 
 
 def test_layernorm_matches_numpy():

@@ -69,7 +69,8 @@ def rms_normalize(x: Float[Array, "*t d"]) -> Float[Array, "*t d"]:
 class RMSNorm(eqx.Module):
     """y = n * (1 + scale), computed in f32 and cast back to x's dtype (scale starts at 0).
 
-    With bf16 params `1 + scale` is itself rounded to bf16, as in openpi's inference.
+    `1 + scale` is an f32 sum whatever the params' dtype: openpi writes it in the params' dtype, but
+    XLA keeps the fused sum in f32, so with bf16 params a bf16 sum would round where openpi does not.
     """
 
     scale: Float[Array, " d"]
@@ -78,12 +79,13 @@ class RMSNorm(eqx.Module):
         self.scale = jnp.zeros((width,), jnp.float32)
 
     def __call__(self, x: Float[Array, "t d"], cond: None = None) -> tuple[Float[Array, "t d"], None]:
-        return (rms_normalize(x) * (1 + self.scale)[None]).astype(x.dtype), None
+        return (rms_normalize(x) * (1 + self.scale.astype(jnp.float32))[None]).astype(x.dtype), None
 
 
 class AdaRMSNorm(eqx.Module):
     """Adaptive RMSNorm (Pi0.5 action expert): [scale, shift, gate] = Dense(cond) in x's dtype;
-    y = n * (1 + scale) + shift (f32, cast back); the gate multiplies the residual branch.
+    y = n * (1 + scale) + shift with scale and shift widened to f32 first (as RMSNorm's `1 + scale`),
+    cast back to x's dtype; the gate (x's dtype) multiplies the residual branch.
     """
 
     kernel: Float[Array, "d d3"]
@@ -96,8 +98,8 @@ class AdaRMSNorm(eqx.Module):
     def __call__(self, x: Float[Array, "t d"], cond: Float[Array, " c"]) -> tuple[Float[Array, "t d"], Float[Array, " d"]]:
         dtype = x.dtype
         mod = jnp.dot(cond.astype(dtype), self.kernel.astype(dtype)) + self.bias.astype(dtype)
-        scale, shift, gate = jnp.split(mod, 3, axis=-1)
-        return (rms_normalize(x) * (1 + scale)[None] + shift[None]).astype(dtype), gate
+        scale, shift, gate = jnp.split(mod.astype(jnp.float32), 3, axis=-1)
+        return (rms_normalize(x) * (1 + scale)[None] + shift[None]).astype(dtype), gate.astype(dtype)
 
 
 def _norm(width: int, adaptive: bool) -> RMSNorm | AdaRMSNorm:
