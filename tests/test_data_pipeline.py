@@ -52,14 +52,43 @@ def test_transform_is_applied(root):
     np.testing.assert_array_equal(batch["state"], 2 * np.stack([source[i]["state"] for i in range(4)]))
 
 
-def test_shards_are_disjoint_and_cover(root):
-    source = LeRobotSource(root, 3)
-    seen = []
-    for shard in range(3):
-        for batch in make_pipeline(source, None, batch_size=1, seed=4, num_epochs=1, shard_index=shard,
-                                   shard_count=3):
-            seen += frame_ids(batch)
-    assert len(seen) == len(set(seen)) == 3 * (sum(LENGTHS) // 3)  # equal shards: one frame left out
+class Recorded:
+    """A source that records which frames were read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.read.append(index)
+        return self.source[index]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_shards_stack_to_the_single_process_batches(root, count):
+    """Multi-host: process i's batches are rows [i b, (i+1) b) of the one-process batches, it reads only
+    those frames, and its iterator state moves to any process count (one global batch position)."""
+    def pipeline(source, index, shards):
+        return make_pipeline(source, None, batch_size=8, seed=3, num_epochs=2, shard_index=index,
+                             shard_count=shards, threads=0)
+
+    whole = [frame_ids(b) for b in pipeline(LeRobotSource(root, 3), 0, 1)]
+    assert len(whole) == 2 * sum(LENGTHS) // 8
+    sources = [Recorded(LeRobotSource(root, 3)) for _ in range(count)]
+    shards = [[frame_ids(b) for b in pipeline(sources[i], i, count)] for i in range(count)]
+    assert [sum(rows, []) for rows in zip(*shards, strict=True)] == whole
+    for source, batches in zip(sources, shards, strict=True):
+        read = [source.source[i] for i in source.read]
+        assert sorted((int(x["episode_index"]), int(x["frame_index"])) for x in read) == sorted(sum(batches, []))
+
+    it = iter(pipeline(LeRobotSource(root, 3), count - 1, count))
+    for _ in range(3):
+        next(it)
+    resumed = iter(pipeline(LeRobotSource(root, 3), 0, 1))
+    resumed.set_state(it.get_state())
+    assert frame_ids(next(resumed)) == whole[3]
 
 
 @pytest.mark.parametrize("threads", [0, 2])
@@ -86,3 +115,5 @@ def test_bad_arguments(root):
         make_pipeline(source, None, batch_size=100, seed=0)
     with pytest.raises(ValueError, match="shard_index"):
         make_pipeline(source, None, batch_size=2, seed=0, shard_index=2, shard_count=2)
+    with pytest.raises(ValueError, match="must divide by the 4 processes"):
+        make_pipeline(source, None, batch_size=6, seed=0, shard_index=1, shard_count=4)
