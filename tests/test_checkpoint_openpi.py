@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from eqx_energy.checkpoints.openpi import load_norm_stats, load_openpi_params, openpi_leaves, save_openpi_params
-from eqx_energy.policy.pi0 import Pi0Config, init_pi0
+from eqx_energy.policy.pi0 import Pi0, Pi0Config, init_pi0
+from eqx_energy.train.sharding import FSDP, fsdp_shardings, make_mesh
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["pi0", "pi05"])
@@ -22,6 +23,18 @@ def tiny(request):
 def _bit_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _nested(flat):
+    """{"a/b": x} -> {"a": {"b": x}}: a checkpoint tree written without the project's writer."""
+    tree = {}
+    for path, x in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = x
+    return tree
 
 
 @pytest.mark.parametrize("value_level", [False, True], ids=["released", "training"])
@@ -48,16 +61,38 @@ def test_bf16_checkpoint_stays_bf16_or_casts(tiny, tmp_path):
     assert _bit_equal(widened, jax.tree.map(lambda x: x.astype(jnp.float32), bf16))
 
 
+@pytest.mark.parametrize("layout", [dict(use_ocdbt=False), dict(use_zarr3=True)], ids=["folder_per_array", "zarr3"])
+def test_other_orbax_layouts_load(tiny, tmp_path, layout):
+    """Older orbax checkpoints (no OCDBT: a folder per array) and zarr3 ones load bit-exact too."""
+    cfg, model = tiny
+    tree = {"params": _nested({k: np.asarray(v) for k, v in openpi_leaves(model).items()})}
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**layout)).save(tmp_path / "params", args=ocp.args.PyTreeSave(tree))
+    assert _bit_equal(load_openpi_params(tmp_path / "params", cfg), model)
+
+
+def test_fsdp_shardings_place_every_leaf_as_the_rule_says(tiny, tmp_path):
+    """On a (data=4, fsdp=2) mesh of 8 CPU devices each leaf arrives in its rule's sharding and dtype, values as on one device."""
+    cfg, model = tiny
+    save_openpi_params(model, tmp_path / "params")
+    template = eqx.filter_eval_shape(Pi0, cfg, key=jax.random.key(0))
+    shardings = fsdp_shardings(template, make_mesh(4, 2), min_bytes=4096)
+    rule = openpi_leaves(shardings)
+    assert sum(FSDP in r.spec for r in rule.values()) >= 10  # the test must shard, not only replicate
+    sharded = load_openpi_params(tmp_path / "params", cfg, dtype="bfloat16", shardings=shardings)
+    single = openpi_leaves(load_openpi_params(tmp_path / "params", cfg, dtype="bfloat16"))
+    for path, leaf in openpi_leaves(sharded).items():
+        assert leaf.sharding == rule[path], path
+        assert leaf.dtype == jnp.bfloat16 and np.array_equal(np.asarray(leaf), np.asarray(single[path])), path
+        assert all(s.data.shape == rule[path].shard_shape(leaf.shape) for s in leaf.addressable_shards), path
+    with pytest.raises(ValueError, match="no jax.sharding.Sharding for"):  # a tree of another config
+        other = eqx.filter_eval_shape(Pi0, Pi0Config.tiny(pi05=not cfg.pi05), key=jax.random.key(0))
+        load_openpi_params(tmp_path / "params", cfg, shardings=fsdp_shardings(other, make_mesh(4, 2)))
+
+
 def test_extra_keys_are_ignored(tiny, tmp_path):
     cfg, model = tiny
     leaves = {k: np.asarray(v) for k, v in openpi_leaves(model).items()}
-    tree = {}
-    for path, x in {**leaves, "energy_model/head/kernel": np.ones((3, 1), np.float32)}.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = x
+    tree = _nested({**leaves, "energy_model/head/kernel": np.ones((3, 1), np.float32)})
     ocp.PyTreeCheckpointer().save(tmp_path / "params", {"params": tree})
     assert _bit_equal(load_openpi_params(tmp_path / "params", cfg), model)
 

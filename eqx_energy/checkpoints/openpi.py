@@ -6,14 +6,18 @@ in an extra `value` key; both layouts load. `openpi_leaves` is the explicit path
 path (e.g. `PaliGemma/llm/layers/attn/q_einsum/w`) names one array of our module, stacked layer axes
 included, so neither loading nor saving reshapes or transposes anything.
 
-Loading restores straight into the arrays of an `eqx.filter_eval_shape` template (nothing is
-initialised first), so host memory stays close to the parameters' own size. Keys in the checkpoint
+Loading fills an `eqx.filter_eval_shape` template (nothing is initialised first) one leaf at a time,
+largest first: tensorstore decodes the leaf straight into the requested dtype (its cast driver, as orbax
+restores) in one 64-byte-aligned host buffer, which each device of the leaf's sharding takes its shard
+from (on a CPU without a copy). So the peak holds the loaded leaves plus one leaf in flight; that leaf
+costs its compressed bytes and, if it is cast, its stored-dtype decode (BENCHMARKS.md). Keys in the checkpoint
 that the policy does not have (e.g. an `energy_model` subtree of the seed's fork) are ignored: the
 energy head is a sibling of the policy and is initialised or restored separately.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -22,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from jaxtyping import PyTree
 
 # re-exported: reads openpi's norm_stats.json from a file, its folder, or a checkpoint's assets/<asset_id>/
 from eqx_energy.data.norm_stats import load_norm_stats as load_norm_stats
@@ -115,12 +121,47 @@ def _flat_metadata(params_dir: pathlib.Path) -> dict[str, Any]:
     return flat
 
 
-def load_openpi_params(params_dir: str | pathlib.Path, config: Pi0Config, *, dtype: str | None = None) -> Pi0:
+def _array_specs(params_dir: pathlib.Path) -> Any:
+    """path -> the tensorstore spec of that stored array, as orbax names and lays it out (OCDBT or a folder per array)."""
+    meta = json.loads((params_dir / "_METADATA").read_text()) if (params_dir / "_METADATA").exists() else {}
+    ocdbt = meta.get("use_ocdbt", (params_dir / "manifest.ocdbt").exists())
+    driver = "zarr3" if meta.get("use_zarr3", False) else "zarr"
+
+    def spec(path: str) -> dict[str, Any]:
+        name = ".".join(["params", *path.split("/")])
+        kvstore = {"driver": "ocdbt", "base": f"file://{params_dir}/", "path": name} if ocdbt else {"driver": "file", "path": str(params_dir / name)}
+        return {"driver": driver, "kvstore": kvstore}
+
+    return spec
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    # jax places a 64-byte-aligned numpy array on a CPU device without copying it; numpy aligns to 16
+    raw = np.empty(int(np.prod(shape)) * dtype.itemsize + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset : offset + raw.size - 64].view(dtype).reshape(shape)
+
+
+def _read_leaf(spec: dict[str, Any], dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+    """One stored array -> a jax.Array in `dtype` and `sharding`, through one host buffer of the result's size."""
+    store = ts.open(spec, open=True, read=True).result()
+    if store.dtype.numpy_dtype != dtype:
+        store = store.astype(dtype)  # tensorstore casts while decoding: no stored-dtype copy of the whole leaf
+    host = _aligned_empty(tuple(store.shape), dtype)
+    ts.array(host).write(store).result()
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def load_openpi_params(
+    params_dir: str | pathlib.Path, config: Pi0Config, *, dtype: str | None = None, shardings: PyTree | None = None
+) -> Pi0:
     """Build a `Pi0` for `config` from openpi's `<checkpoint>/params` directory.
 
     Every leaf the policy needs must be present with the expected shape and a floating dtype; the first
     missing or mismatched path raises a ValueError naming it. `dtype=None` keeps the stored dtype (bf16
     stays bf16); "float32"/"bfloat16" casts while reading. Extra checkpoint keys are ignored.
+    `shardings`: a `jax.sharding.Sharding` per array leaf of the `Pi0` (a Pi0-shaped tree, e.g.
+    `fsdp_shardings(template, mesh)`); each device then receives only its shard. None: all on device 0.
     """
     params_dir = pathlib.Path(params_dir).absolute()
     if not params_dir.is_dir():
@@ -130,6 +171,16 @@ def load_openpi_params(params_dir: str | pathlib.Path, config: Pi0Config, *, dty
         )
     template = eqx.filter_eval_shape(Pi0, config, key=jax.random.key(0))
     expected = openpi_leaves(template)
+    if shardings is None:
+        targets = dict.fromkeys(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    else:
+        targets = openpi_leaves(shardings)
+        bad = next((p for p in expected if not isinstance(targets.get(p), jax.sharding.Sharding)), None)
+        if bad is not None:
+            raise ValueError(
+                f"shardings: no jax.sharding.Sharding for {bad!r} (got {type(targets.get(bad)).__name__}); pass a "
+                "Pi0-shaped tree with a Sharding per array leaf, e.g. fsdp_shardings(eqx.filter_eval_shape(Pi0, config, key=...), mesh)"
+            )
     stored = _flat_metadata(params_dir)
     value_level = bool(stored) and all(p.endswith("/value") for p in stored)
     if value_level:
@@ -145,23 +196,11 @@ def load_openpi_params(params_dir: str | pathlib.Path, config: Pi0Config, *, dty
             raise ValueError(f"{params_dir}: parameter {path!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)} for this config")
         if not jnp.issubdtype(jnp.dtype(got.dtype), jnp.floating):
             raise ValueError(f"{params_dir}: parameter {path!r} has dtype {got.dtype}, expected a floating dtype")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = {
-        p: jax.ShapeDtypeStruct(tuple(stored[p].shape), jnp.dtype(dtype or stored[p].dtype), sharding=sharding) for p in expected
-    }
-    nested = {"params": _nest(item, ("value",) if value_level else ())}
-    restored = ocp.PyTreeCheckpointer().restore(
-        params_dir,
-        args=ocp.args.PyTreeRestore(item=nested, restore_args=ocp.checkpoint_utils.construct_restore_args(nested), partial_restore=True),
-    )["params"]
-
-    def fetch(path: str):
-        node = restored
-        for part in path.split("/") + (["value"] if value_level else []):
-            node = node[part]
-        return node
-
-    return eqx.tree_at(_getter, template, [fetch(p) for p in expected])
+    # largest first: while a leaf is in flight, fewer of the others are resident yet
+    order = sorted(expected, key=lambda p: -np.prod(expected[p].shape))
+    spec, sfx = _array_specs(params_dir), "/value" if value_level else ""
+    read = {p: _read_leaf(spec(p + sfx), jnp.dtype(dtype or stored[p].dtype), targets[p]) for p in order}
+    return eqx.tree_at(_getter, template, [read[p] for p in expected])
 
 
 def save_openpi_params(pi0: Pi0, params_dir: str | pathlib.Path, *, value_level: bool = False) -> pathlib.Path:
