@@ -2,7 +2,8 @@
 
     python correct.py [eval] --ckpt RUN[/checkpoints/STEP] [--data DIR] [--frames 64]
                              [--alpha-sweep 0.01,0.03,0.1,0.3 --steps 1,3,5] [--out DIR]
-    python correct.py serve  --ckpt RUN [--host 127.0.0.1 --port 8000] [--steps 3 --alpha 0.1 | --no-correction]
+    python correct.py serve  --ckpt RUN [--host 127.0.0.1 --port 8000] [--method off|gradient|select|guided]
+                             [--num-samples 8 --margin 0] [--steps 3 --alpha 0.1 | --no-correction]
                              [--api-key KEY] [--max-connections 16 --max-pending 8 --idle-timeout 600 ...]
     python correct.py eval-sim --ckpt RUN [--tasks reach-v3,...] [--episodes 100] [--seed 100]
                                [--sigmas 0,0.3,0.5] [--method off,gradient,select,guided,oracle]
@@ -15,7 +16,8 @@ policy's own samples on held-out frames (eqx_energy.offline_eval); prints a tabl
 report.json, sweep.png and energy_hist.png to --out (default RUN/correct_eval).
 An output dir never overwrites an earlier evaluation: when --out (or the default) already holds files,
 the results go to the first free sibling OUT-2, OUT-3, ... (printed at the end).
-serve: a websocket server speaking openpi's protocol (eqx_energy.serve.server: access, limits, errors).
+serve: a websocket server speaking openpi's protocol (eqx_energy.serve.server: access, limits, errors);
+the method is the run's `inference` config section unless --method / --no-correction and the knob flags say otherwise.
 It binds 127.0.0.1 unless --host says otherwise; with a key (--api-key, or the environment variable
 EQX_ENERGY_API_KEY, which keeps it out of `ps`) clients must send `Authorization: Api-Key KEY`, as
 openpi's client does with api_key; `eval-sim --server` sends the variable's key. SIGTERM or Ctrl-C
@@ -84,14 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--alpha", type=float)
     sv.add_argument("--clip-frac", type=float)
     sv.add_argument("--first-only", action="store_true")
-    sv.add_argument("--no-correction", action="store_true", help="serve the policy's raw samples")
-    sv.add_argument("--method", choices=("select", "guided"),
-                    help="energy-guided inference instead of gradient correction (see eval-sim); default: gradient/off")
-    sv.add_argument("--num-samples", type=int, default=8, help="with --method: candidates per observation")
-    sv.add_argument("--margin", type=float, default=0.0, help="with --method: keep the plain sample unless beaten by this")
-    sv.add_argument("--guide-scale", type=float, default=0.1, help="with --method guided: lambda scale")
-    sv.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"))
-    sv.add_argument("--query", default="a_hat", choices=("a_hat", "x_t"))
+    sv.add_argument("--method", choices=("off", "gradient", "select", "guided"),
+                    help="energy-guided inference (see eval-sim); default: the run's inference.method")
+    sv.add_argument("--no-correction", action="store_true", help="serve the policy's raw samples (= --method off)")
+    sv.add_argument("--num-samples", type=int, help="select/guided: candidates per observation (default: the run's)")
+    sv.add_argument("--margin", type=float, help="select/guided: keep the plain sample unless beaten by this")
+    sv.add_argument("--guide-scale", type=float, help="guided: lambda scale (default: the run's)")
+    sv.add_argument("--schedule", choices=("constant", "linear", "cosine"))
+    sv.add_argument("--query", choices=("a_hat", "x_t"))
     sub.add_parser("eval-sim", help="closed-loop Meta-World evaluation (eqx_energy.sim.evaluate)", add_help=False)
     return parser
 
@@ -131,25 +133,23 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from eqx_energy.checkpoints.load_run import load_run
-    from eqx_energy.serve.policy import EnergyPolicy, correction_from
+    from eqx_energy.serve.policy import EnergyPolicy, correction_from, inference_from
     from eqx_energy.serve.server import PolicyServer
-    from eqx_energy.sim.grid import inference_settings
 
     run = load_run(args.ckpt, use_ema=not args.no_ema)
-    correction = correction_from(
-        run, steps=0 if args.no_correction else args.steps, alpha=args.alpha, clip_frac=args.clip_frac,
-        first_only=True if args.first_only else None,
-    )
-    inference = None if args.method is None else inference_settings(
-        run, [args.method], [args.num_samples], steps=[], alphas=[], margin=args.margin, scales=[args.guide_scale],
-        schedule=args.schedule, query=args.query)[0].inference
+    correction = correction_from(run, steps=args.steps, alpha=args.alpha, clip_frac=args.clip_frac,
+                                 first_only=True if args.first_only else None)
+    inference = inference_from(run, "off" if args.no_correction else args.method, num_samples=args.num_samples,
+                               margin=args.margin, guide_scale=args.guide_scale, schedule=args.schedule,
+                               query=args.query, correction=correction)
     api_key = args.api_key if args.api_key is not None else os.environ.get(_API_KEY_ENV)
     server = PolicyServer(
         EnergyPolicy(run, correction, inference=inference), host=args.host, port=args.port, api_key=api_key,
         max_connections=args.max_connections, max_pending=args.max_pending, max_queue=args.max_queue,
         max_size=args.max_size, idle_timeout_s=args.idle_timeout_s or None, keepalive_s=args.keepalive_s,
     )
-    method = args.method or f"correction steps={correction.steps}"
+    method = inference.method + (f" steps={correction.steps}" if inference.method == "gradient" else
+                                 f" N={inference.num_samples}" if inference.method != "off" else "")
     print(f"serving {run.run_dir} step {run.step} on {args.host}:{args.port} ({method}, "
           f"{'API key required' if api_key is not None else 'no API key'})")
     server.serve_forever()
@@ -168,17 +168,18 @@ def _eval_sim(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=100, help="episodes per task and setting")
     p.add_argument("--seed", type=int, default=100, help="episode seed (the training data used MT1 seed 0)")
     p.add_argument("--sigmas", default="0", help="comma-separated gaussian action noise (env units), added before the energy acts")
-    p.add_argument("--method", default="off,gradient",
-                   help="comma-separated: off, gradient (steps x alpha), select, guided, oracle (nearest the scripted expert)")
+    p.add_argument("--method", help="comma-separated: off, gradient (steps x alpha), select, guided, oracle (nearest the "
+                   "scripted expert); default: off and the run's inference.method")
     p.add_argument("--num-samples", default="8", help="comma-separated candidate counts n (select, guided, oracle)")
     p.add_argument("--steps", help="comma-separated correction steps (default: the run's); 0 = off")
     p.add_argument("--alpha", help="comma-separated correction step sizes (default: the run's)")
     p.add_argument("--clip-frac", type=float)
     p.add_argument("--first-only", action="store_true")
-    p.add_argument("--margin", type=float, default=0.0, help="select/guided: keep the plain sample unless the best beats it by this")
-    p.add_argument("--guide-scale", default="0.1", help="comma-separated guided-sampling scales lambda")
-    p.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"), help="lambda(t) schedule")
-    p.add_argument("--query", default="a_hat", choices=("a_hat", "x_t"), help="guided: where the energy is evaluated")
+    p.add_argument("--margin", type=float, help="select/guided: keep the plain sample unless the best beats it by this "
+                   "(default: the run's inference.margin)")
+    p.add_argument("--guide-scale", help="comma-separated guided-sampling scales lambda (default: the run's)")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="lambda(t) schedule (default: the run's)")
+    p.add_argument("--query", choices=("a_hat", "x_t"), help="guided: where the energy is evaluated (default: the run's)")
     p.add_argument("--no-baseline", action="store_true", help="skip the uncorrected policy (then nothing is paired)")
     p.add_argument("--replan-every", type=int, default=5)
     p.add_argument("--max-steps", type=int, default=150)
@@ -209,13 +210,15 @@ def _eval_sim(argv: list[str]) -> int:
         out = Path(args.out or "eval_sim_served")
     else:
         run = load_run(args.ckpt, use_ema=not args.no_ema)
-        methods = [m for m in args.method.split(",") if not (args.no_baseline and m == "off")]
+        methods = args.method.split(",") if args.method else ["off", run.cfg.inference.method]
+        methods = [m for m in methods if not (args.no_baseline and m == "off")]
         settings = grid.inference_settings(
             run, methods, parse_list(args.num_samples, int, "--num-samples"),
             steps=parse_list(args.steps, int, "--steps") if args.steps else [run.cfg.correction.steps],
             alphas=parse_list(args.alpha, float, "--alpha") if args.alpha else [float(run.cfg.correction.alpha)],
             clip_frac=args.clip_frac, first_only=args.first_only, margin=args.margin,
-            scales=parse_list(args.guide_scale, float, "--guide-scale"), schedule=args.schedule, query=args.query,
+            scales=parse_list(args.guide_scale, float, "--guide-scale") if args.guide_scale else [None],
+            schedule=args.schedule, query=args.query,
         )
         runs = grid.run_grid(run, settings, tasks, args.episodes, sigmas, policy_seed=args.policy_seed, **common)
         out = Path(args.out) if args.out else run.run_dir / "eval_sim"

@@ -45,3 +45,29 @@ def test_served_selection_equals_in_process_and_oracle_returns_every_candidate(t
         env = outputs({"state": batch["state"][0], "actions": np.asarray(candidates[0, i])})["actions"]
         np.testing.assert_allclose(oracle["candidates"][0, i], env, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(oracle["actions"], oracle["candidates"][:, 0])
+
+
+def test_the_runs_inference_section_is_what_serve_and_eval_sim_use_by_default(tiny_run):
+    import dataclasses
+
+    from eqx_energy.serve.policy import correction_from, inference_from
+    from eqx_energy.sim.grid import inference_settings
+    from eqx_energy.train.config import InferenceSettings
+
+    run = load_run(tiny_run[0])
+    assert EnergyPolicy(run).inference.method == "gradient"  # the default section: the seed's correction
+    assert inference_from(run, correction=correction_from(run, steps=0)).method == "off"
+    cfg = dataclasses.replace(run.cfg, inference=InferenceSettings(method="select", num_samples=3, margin=0.25, guide_scale=0.3))
+    chosen = run._replace(cfg=cfg)
+    policy = EnergyPolicy(chosen, seed=7)
+    assert policy.metadata["inference"] == {"method": "select", "num_samples": 3}
+    assert float(policy.inference.selection.margin) == 0.25
+    np.testing.assert_array_equal(policy.infer(_obs(0))["actions"],
+                                  EnergyPolicy(run, seed=7, inference=InferenceConfig(
+                                      method="select", num_samples=3, selection=policy.inference.selection)).infer(_obs(0))["actions"])
+    # a flag replaces one knob and keeps the rest; an explicit correction still means gradient correction
+    assert inference_from(chosen, num_samples=5).num_samples == 5
+    assert float(inference_from(chosen, "guided").guidance.scale) == pytest.approx(0.3)
+    assert EnergyPolicy(chosen, correction_from(chosen, steps=2)).inference.method == "gradient"
+    names = [s.name for s in inference_settings(chosen, ["off", "select", "guided"], [2], steps=[], alphas=[])]
+    assert names == ["off", "select N=2", "guided N=2 lambda=0.3"]

@@ -41,8 +41,9 @@ import numpy as np
 from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.correct import CorrectionConfig
 from eqx_energy.data.transforms import Compose
-from eqx_energy.policy.energy_sampling import InferenceConfig, decide, propose
+from eqx_energy.policy.energy_sampling import GuidanceConfig, InferenceConfig, decide, propose
 from eqx_energy.policy.pi0 import Observation
+from eqx_energy.select import SelectionConfig
 from eqx_energy.train.inputs import model_inputs
 
 Perturb = Callable[[np.ndarray], np.ndarray]
@@ -104,7 +105,8 @@ def _dataset_keys(obs: dict) -> dict:
 
 class EnergyPolicy:
     """openpi BasePolicy shape around a loaded run. `inference` picks the method; without it the method
-    is gradient correction with `correction` (None: the run's config), off when its steps are 0."""
+    is the run's `inference` section (`inference_from`), or gradient correction with `correction` when
+    that is given (off when its steps are 0)."""
 
     run: LoadedRun
     correction: CorrectionConfig
@@ -115,9 +117,9 @@ class EnergyPolicy:
     def __init__(self, run: LoadedRun, correction: CorrectionConfig | None = None, *, seed: int = 0,
                  inference: InferenceConfig | None = None):
         self.run = run
-        self.correction = run.cfg.correction if correction is None else correction
+        self.correction = correction_from(run) if correction is None else correction
         if inference is None:
-            inference = InferenceConfig(method="gradient" if self.correction.steps > 0 else "off", correction=self.correction)
+            inference = inference_from(run, None if correction is None else "gradient", correction=self.correction)
         self.inference = inference
         self._inputs = Compose(tuple(run.transforms.inputs))
         self._outputs = Compose(tuple(run.transforms.outputs))
@@ -219,3 +221,25 @@ def correction_from(run: LoadedRun, *, steps: int | None = None, alpha: float | 
         act_dim=c.act_dim, clip_floor=c.clip_floor, method=c.method,
         noise_scale=c.noise_scale, noise_decay=c.noise_decay,
     )
+
+
+def inference_from(run: LoadedRun, method: str | None = None, *, num_samples: int | None = None,
+                   margin: float | None = None, guide_scale: float | None = None, schedule: str | None = None,
+                   query: str | None = None, correction: CorrectionConfig | None = None) -> InferenceConfig:
+    """The run's `inference` section as an InferenceConfig, the given fields replaced (None keeps the run's
+    value; `correction` None is the run's `correction_from(run)`). Gradient with 0 steps is "off"; off and
+    gradient draw one candidate."""
+    settings = run.cfg.inference
+    method = settings.method if method is None else method
+    correction = correction_from(run) if correction is None else correction
+    if method == "gradient" and correction.steps == 0:
+        method = "off"
+    if method in ("off", "gradient"):
+        return InferenceConfig(method=method, correction=correction if method == "gradient" else None)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    guidance = None
+    if method == "guided":
+        guidance = GuidanceConfig(scale=pick(guide_scale, settings.guide_scale), schedule=pick(schedule, settings.schedule),
+                                  query=pick(query, settings.query))
+    return InferenceConfig(method=method, num_samples=pick(num_samples, settings.num_samples),
+                           selection=SelectionConfig(margin=pick(margin, settings.margin)), guidance=guidance)

@@ -19,14 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 
 from eqx_energy._files import atomic_write
 from eqx_energy.checkpoints.load_run import LoadedRun
-from eqx_energy.policy.energy_sampling import METHODS, GuidanceConfig, InferenceConfig
-from eqx_energy.select import SelectionConfig
+from eqx_energy.policy.energy_sampling import METHODS, InferenceConfig
 from eqx_energy.serve.client import PolicyClient
-from eqx_energy.serve.policy import correction_from
+from eqx_energy.serve.policy import correction_from, inference_from
 from eqx_energy.sim.evaluate import ExpertPolicy, evaluate
 from eqx_energy.sim.paired import paired, paired_table
 from eqx_energy.sim.policy_adapter import SimPolicy, client_policy_fn, needs_images
@@ -45,33 +43,31 @@ class Setting:
 
 def inference_settings(run: LoadedRun, methods: Sequence[str], num_samples: Sequence[int], *,
                        steps: Sequence[int], alphas: Sequence[float], clip_frac: float | None = None,
-                       first_only: bool = False, margin: float = 0.0, scales: Sequence[float] = (0.1,),
-                       schedule: str = "linear", query: str = "a_hat") -> list[Setting]:
+                       first_only: bool = False, margin: float | None = None, scales: Sequence[float | None] = (None,),
+                       schedule: str | None = None, query: str | None = None) -> list[Setting]:
     """off once; gradient per steps x alpha (steps > 0; named "k=K alpha=A", as before methods existed);
-    select, oracle per n; guided per n x scale."""
+    select, oracle per n; guided per n x scale. None knobs are the run's `inference` section's."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or any(n < 1 for n in num_samples):
         raise ValueError(f"eval-sim --method takes {list(METHODS)} and --num-samples n >= 1; got methods {list(methods)}, "
                          f"num_samples {list(num_samples)}")
-    selection = SelectionConfig(margin=margin)
     out = []
     for method in dict.fromkeys(methods):
         if method == "off":
-            out.append(Setting("off", InferenceConfig()))
+            out.append(Setting("off", inference_from(run, "off")))
         elif method == "gradient":
             for k in (k for k in steps if k > 0):
                 for a in alphas:
                     correction = correction_from(run, steps=k, alpha=a, clip_frac=clip_frac, first_only=first_only or None)
-                    out.append(Setting(f"k={k} alpha={a:g}", InferenceConfig(method="gradient", correction=correction)))
+                    out.append(Setting(f"k={k} alpha={a:g}", inference_from(run, "gradient", correction=correction)))
         elif method == "guided":
             for n in num_samples:
                 for scale in scales:
-                    guidance = GuidanceConfig(scale=jnp.float32(scale), schedule=schedule, query=query)
-                    out.append(Setting(f"guided N={n} lambda={scale:g}",
-                                       InferenceConfig(method="guided", num_samples=n, selection=selection, guidance=guidance)))
+                    inference = inference_from(run, "guided", num_samples=n, margin=margin, guide_scale=scale,
+                                               schedule=schedule, query=query)
+                    out.append(Setting(f"guided N={n} lambda={float(inference.guidance.scale):g}", inference))
         else:
-            out += [Setting(f"{method} N={n}", InferenceConfig(method=method, num_samples=n, selection=selection))
-                    for n in num_samples]
+            out += [Setting(f"{method} N={n}", inference_from(run, method, num_samples=n, margin=margin)) for n in num_samples]
     return out
 
 

@@ -116,6 +116,9 @@ class LossConfig:
     tau: float = 0.5  # InfoNCE temperature: logits = -E / tau (the initial value when learn_tau)
     learn_tau: bool = False  # tau = exp(log_tau), a trained leaf of the energy head
     chunk: int | None = None  # rows of the (b, b) energy matrix per checkpointed chunk; None = all
+    # infonce_inbatch: k negatives per context drawn from the batch each step (b (k + 1) pairs, not b²);
+    # None = all b - 1 other examples
+    num_negatives: int | None = None
     margin: float = 1.0  # hinge: relu(margin + E_pos - E_neg)
     weights: tuple[float, float] = (1.0, 1.0)  # mixed: (infonce, hinge) weights
     negative_sigmas: tuple[float, ...] = (0.1, 0.3, 0.5)  # explicit negatives: a + sigma * N(0, 1)
@@ -144,6 +147,11 @@ class LossConfig:
             "loss.noise_t must be null or [lo, hi] with 0 <= lo < hi <= 1, and only with loss.kind=policy_softmax",
         )
         _require(self.chunk is None or self.chunk > 0, "loss.chunk must be > 0 or null")
+        _require(
+            self.num_negatives is None or (self.num_negatives > 0 and self.kind == "infonce_inbatch" and self.chunk is None),
+            "loss.num_negatives must be null or > 0, and only with loss.kind=infonce_inbatch and loss.chunk=null "
+            "(sampled negatives score b (k + 1) pairs, nothing to chunk)",
+        )
         _require(self.margin >= 0, "loss.margin must be >= 0")
         _require(all(s > 0 for s in self.negative_sigmas), "loss.negative_sigmas must all be > 0")
         _require(self.energy_weight >= 0, "loss.energy_weight must be >= 0")
@@ -152,6 +160,25 @@ class LossConfig:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+    """The run's default energy-guided inference (eqx_energy.policy.energy_sampling), what `correct.py serve`
+    and `eval-sim` use unless their flags say otherwise. "gradient" takes its knobs from `correction`
+    (off when correction.steps is 0); select and guided draw `num_samples` candidates per observation."""
+
+    method: Literal["off", "gradient", "select", "guided"] = "gradient"
+    num_samples: int = 8
+    margin: float = 0.0  # select / guided: keep the plain sample unless the best beats it by more than this
+    guide_scale: float = 0.1  # guided: lambda(t) = guide_scale * w(t)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"  # guided: w(t)
+    query: Literal["a_hat", "x_t"] = "a_hat"  # guided: E at the clean estimate, or at x_t (time-conditioned E)
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "inference.num_samples must be >= 1")
+        _require(self.margin >= 0, "inference.margin must be >= 0")
+        _require(self.guide_scale >= 0, "inference.guide_scale must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +241,7 @@ class TrainConfig:
     # A factory: CorrectionConfig() holds jnp arrays, and building them at import time would
     # start the XLA backend before a multi-host program can call jax.distributed.initialize.
     correction: CorrectionConfig = dataclasses.field(default_factory=CorrectionConfig)
+    inference: InferenceSettings = InferenceSettings()
     run_dir: str | None = None  # default for --run-dir
 
     def __post_init__(self) -> None:
