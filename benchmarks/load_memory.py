@@ -36,10 +36,11 @@ def _child(kind: str, run_dir: str) -> None:
         from eqx_energy.train.config import TrainConfig, from_dict
         from eqx_energy.train.model import init_model
         from eqx_energy.train.optim import group_labels, make_optimizer
+        from eqx_energy.train.sharding import make_mesh
 
         with RunCheckpoints(run_dir) as checkpoints:
             cfg = from_dict(TrainConfig, checkpoints.restore().config)
-            trainable, _ = init_model(cfg)
+            trainable, _ = init_model(cfg, make_mesh())
             params = eqx.filter(trainable, eqx.is_inexact_array)
             optimizer = make_optimizer(cfg.optim, group_labels(params), total_steps=cfg.train.steps)
             checkpoints.restore(params=abstract(params), opt_state=eqx.filter_eval_shape(optimizer.init, params),
@@ -65,6 +66,7 @@ def _write_run(run_dir: Path, vocab: int) -> int:
     from eqx_energy.train.inputs import NORM_STATS_FILE, TOKENIZER_FILE
     from eqx_energy.train.model import init_model
     from eqx_energy.train.optim import group_labels, make_optimizer
+    from eqx_energy.train.sharding import make_mesh
     from eqx_energy.train.step import init_state
 
     cfg = TrainConfig(
@@ -78,7 +80,7 @@ def _write_run(run_dir: Path, vocab: int) -> int:
     train_sentencepiece(["pick up the block", "open the drawer"], run_dir / TOKENIZER_FILE, vocab_size=64)
     save_norm_stats({k: NormStats(mean=np.zeros(n), std=np.ones(n)) for k, n in (("state", 4), ("actions", 4))},
                     run_dir / NORM_STATS_FILE)
-    trainable, _ = init_model(cfg)
+    trainable, _ = init_model(cfg, make_mesh())
     params = eqx.filter(trainable, eqx.is_inexact_array)
     state = init_state(trainable, make_optimizer(cfg.optim, group_labels(params), total_steps=cfg.train.steps), ema=True)
     with RunCheckpoints(run_dir) as checkpoints:

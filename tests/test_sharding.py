@@ -1,10 +1,14 @@
-"""Mesh construction, the FSDP rule, batch sharding, and sharded == single-device numerics."""
+"""Mesh construction, the FSDP rule, batch sharding, sharded == single-device numerics, and a run's
+state created and restored straight into its shardings (per-device bytes bounded throughout)."""
 
+import collections
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import equinox as eqx
 import jax
@@ -13,14 +17,19 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from test_train_loop import tiny_config
 
+from eqx_energy.checkpoints.run import RunCheckpoints
+from eqx_energy.train.loop import start_state
 from eqx_energy.train.sharding import (
     data_sharding,
     fsdp_shardings,
+    init_sharded,
     make_mesh,
     maybe_initialize_distributed,
     replicated,
     shard_batch,
+    sharded_shapes,
 )
 
 
@@ -182,3 +191,102 @@ def test_initialize_from_coordinator_env():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False", "1", "2"]
+
+
+def test_init_sharded_values_do_not_depend_on_the_mesh():
+    """init_sharded computes each device's shards only; the values are bit-equal on a one-device mesh
+    and equal a plain eager init up to f32 rounding (XLA fuses the uniform's scale and shift)."""
+    mesh = make_mesh(4, 2)
+    init = lambda k: Toy(key=k)  # noqa: E731
+    model = init_sharded(init, jax.random.key(3), mesh=mesh, min_bytes=1024)
+    single = init_sharded(init, jax.random.key(3), mesh=make_mesh(1, 1, devices=jax.devices()[:1]), min_bytes=1024)
+    reference = Toy(key=jax.random.key(3))
+    specs = fsdp_shardings(eqx.filter(reference, eqx.is_array), mesh, min_bytes=1024)
+    arrays = (jax.tree.leaves(eqx.filter(t, eqx.is_array)) for t in (model, single, reference))
+    for leaf, one, ref, sharding in zip(*arrays, jax.tree.leaves(specs), strict=True):
+        assert leaf.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(one))
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    assert model.mlp.layers[1].weight.sharding.spec == P("fsdp", None)
+    templates = sharded_shapes(eqx.filter(reference, eqx.is_array), mesh, min_bytes=1024)
+    assert templates.mlp.layers[1].weight == jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=specs.mlp.layers[1].weight)
+
+
+def _device_bytes() -> collections.Counter:
+    """Bytes of live arrays per device: each array's shard size on each device that holds a shard."""
+    out = collections.Counter()
+    for x in jax.live_arrays():
+        try:
+            if x.is_deleted() or jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                continue
+            shard = int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+        except RuntimeError:  # deleted (donated) by the main thread since live_arrays() listed it
+            continue
+        for device in x.sharding.device_set:
+            out[device] += shard
+    return out
+
+
+class PeakDeviceBytes:
+    """Per-device peak of live-array bytes above those live on entry, polled every millisecond from a
+    thread while the block runs (the CPU backend has no memory_stats)."""
+
+    def __enter__(self):
+        self.base, self.peak = _device_bytes(), collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        for device, n in _device_bytes().items():
+            self.peak[device] = max(self.peak[device], n - self.base[device])
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(1e-3)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _check_layout_and_bound(tree, mesh, peak: PeakDeviceBytes, min_bytes: int) -> int:
+    """Every array leaf of `tree` has the FSDP rule's sharding, and no device peaked above its shards
+    of `tree` plus one whole leaf (the one in flight). Returns the number of FSDP-sharded leaves."""
+    arrays = eqx.filter(tree, eqx.is_array)
+    leaves = jax.tree.leaves(arrays)
+    for leaf, rule in zip(leaves, jax.tree.leaves(fsdp_shardings(arrays, mesh, min_bytes)), strict=True):
+        assert leaf.sharding == rule, (leaf.shape, leaf.dtype, leaf.sharding, rule)
+    held = collections.Counter()
+    for leaf in leaves:
+        for device in leaf.sharding.device_set:
+            held[device] += int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    bound = max(held.values()) + max(leaf.nbytes for leaf in leaves)
+    assert max(peak.peak.values()) <= bound, (sorted(peak.peak.values()), bound)
+    return sum(leaf.sharding.spec != P() for leaf in leaves)
+
+
+def test_run_state_is_created_and_restored_in_its_shardings(tmp_path):
+    """A joint run (policy, energy, AdamW moments, EMA) on a (data=4, fsdp=2) mesh: fresh and restored,
+    every leaf has the FSDP rule's sharding and no device ever held more than its shards plus one leaf.
+    (Building on one device and then placing, as before, peaks at ~2x that bound on device 0.)"""
+    min_bytes = 16 * 1024  # the tiny Pi0's wide leaves (16 KiB - 192 KiB) are FSDP-sharded
+    cfg = tiny_config(tmp_path, mode="joint")
+    mesh = make_mesh(4, 2)
+    checkpoints = RunCheckpoints(tmp_path / "run")
+    with PeakDeviceBytes() as peak:
+        frozen, state, _ = start_state(cfg, mesh, checkpoints, min_bytes=min_bytes)
+    assert _check_layout_and_bound((frozen, state), mesh, peak, min_bytes) > 30
+    checkpoints.save(2, params=state.params, opt_state=state.opt_state, ema=state.ema, skipped=0, config={})
+    checkpoints.wait()
+    with PeakDeviceBytes() as peak:
+        frozen, restored, _ = start_state(cfg, mesh, checkpoints, min_bytes=min_bytes)
+    _check_layout_and_bound((frozen, restored), mesh, peak, min_bytes)
+    assert int(restored.step) == 2
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state, state.ema)),
+                    jax.tree.leaves((restored.params, restored.opt_state, restored.ema)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    checkpoints.close()

@@ -7,10 +7,10 @@
 
 The config is the one saved in the checkpoint being loaded (the run's `config.yaml` is a readable copy
 of the latest invocation; it is read only for a checkpoint without a saved config, with a warning).
-The model is built exactly as training built it (`train.model.init_model`: the same key derivation,
-openpi weights for the policy when the config names a checkpoint, the frozen cast in energy_only
-mode), then the trainable leaves are restored over it: the EMA (or, with `use_ema=False` or no EMA,
-the raw params) and nothing else; the optimizer state is never read. Nothing needs the dataset: the
+The frozen half is built exactly as training built it (`train.model.init_model`: the same key
+derivation, openpi weights for the policy when the config names a checkpoint, the policy's dtype
+per mode), then the trainable leaves are read into their shardings: the EMA (or, with
+`use_ema=False` or no EMA, the raw params) and nothing else; the optimizer state is never read. Nothing needs the dataset: the
 tokenizer and norm stats come from the run dir (or the paths its config names). Errors
 (CheckpointError) name the path and what to pass instead.
 """
@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
+from jax.sharding import Mesh
 
-from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, abstract, latest_step
+from eqx_energy.checkpoints.run import CheckpointError, RunCheckpoints, latest_step
 from eqx_energy.data.norm_stats import NormStats, load_norm_stats
 from eqx_energy.data.transforms import Group
 from eqx_energy.policy.tokenizer import PaligemmaTokenizer
 from eqx_energy.train.config import TrainConfig, from_dict, load_config
 from eqx_energy.train.inputs import CONFIG_COPY_FILE, NORM_STATS_FILE, TOKENIZER_FILE, run_transforms
 from eqx_energy.train.model import RunModel, init_model, is_inexact
+from eqx_energy.train.sharding import make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +79,12 @@ def _config(saved: dict | None, run_dir: Path, step: int) -> TrainConfig:
     return load_config(TrainConfig, _asset(None, run_dir, CONFIG_COPY_FILE, "config"))
 
 
-def load_run(path: str | os.PathLike, *, use_ema: bool = True) -> LoadedRun:
-    """Config, trained model, transforms and norm stats of a run (see the module docstring)."""
+def load_run(path: str | os.PathLike, *, use_ema: bool = True, mesh: Mesh | None = None) -> LoadedRun:
+    """Config, trained model, transforms and norm stats of a run (see the module docstring). Every
+    array is created or read straight into its FSDP sharding on `mesh` (None: the default device
+    alone, what a single-device server wants)."""
     run_dir, step = resolve_run(path)
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1]) if mesh is None else mesh
     with RunCheckpoints(run_dir) as checkpoints:
         saved = checkpoints.restore(step)  # the JSON items only
         cfg = _config(saved.config, run_dir, saved.step)
@@ -86,9 +92,8 @@ def load_run(path: str | os.PathLike, *, use_ema: bool = True) -> LoadedRun:
         tokenizer = PaligemmaTokenizer(
             _asset(cfg.policy.tokenizer, run_dir, TOKENIZER_FILE, "tokenizer"), max_len=cfg.policy.model.max_token_len
         )
-        trainable, frozen = init_model(cfg, restoring=True)
-        template = abstract(eqx.filter(trainable, is_inexact))
-        del trainable  # freed before the trained copy is read
+        trainable, frozen = init_model(cfg, mesh, restoring=True)
+        template = eqx.filter(trainable, is_inexact)  # sharded ShapeDtypeStructs: nothing built to throw away
         has_ema = cfg.optim.ema_decay is not None and use_ema
         if has_ema:
             trained = checkpoints.restore(saved.step, ema=template).ema

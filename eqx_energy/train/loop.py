@@ -10,27 +10,30 @@ The config saved in every checkpoint is the run's record; `config.yaml` is a cop
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from eqx_energy._files import atomic_write
-from eqx_energy.checkpoints.run import RunCheckpoints, abstract, latest_step
+from eqx_energy.checkpoints.run import RunCheckpoints, latest_step
 from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.data.source import holdout_episodes
 from eqx_energy.data.transforms import Compose
 from eqx_energy.train.config import ConfigError, TrainConfig, from_dict, to_dict, write_config
 from eqx_energy.train.inputs import CONFIG_COPY_FILE, HOLDOUT_FILE, build_inputs, model_inputs
 from eqx_energy.train.metrics import DataWaitTimer, MetricsLogger
-from eqx_energy.train.model import init_model, run_keys
-from eqx_energy.train.optim import group_labels, make_optimizer
-from eqx_energy.train.sharding import fsdp_shardings, make_mesh, replicated, shard_batch
+from eqx_energy.train.model import RunModel, init_model, is_inexact, run_keys
+from eqx_energy.train.optim import Optimizer, group_labels, make_optimizer
+from eqx_energy.train.sharding import FSDP_MIN_BYTES, init_sharded, make_mesh, replicated, shard_batch, sharded_shapes
 from eqx_energy.train.step import TrainState, init_state, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -106,34 +109,14 @@ def run(
     )
     data_iter = iter(pipeline)
 
-    trainable, frozen = init_model(cfg)
-    mode = cfg.train.mode
-    params = eqx.filter(trainable, eqx.is_inexact_array)
-    optimizer = make_optimizer(
-        cfg.optim, group_labels(params), total_steps=cfg.train.steps, energy_warm_steps=cfg.train.energy_warm_steps
-    )
-    state = init_state(trainable, optimizer, ema=cfg.optim.ema_decay is not None)
-
     mesh = make_mesh(*cfg.train.mesh)
-    state = _place(state, mesh)
-    frozen = _place(frozen, mesh)
-
-    start = 0
-    if checkpoints.latest_step is not None:
-        restored = checkpoints.restore(
-            params=abstract(state.params), opt_state=abstract(state.opt_state),
-            ema=None if state.ema is None else abstract(state.ema), data_iter=data_iter,
-        )
-        start = restored.step
-        state = TrainState(
-            params=restored.params, opt_state=restored.opt_state, ema=restored.ema,
-            step=jax.device_put(np.int32(start), replicated(mesh)),
-            skipped=jax.device_put(np.int32(restored.skipped), replicated(mesh)),
-        )
+    frozen, state, optimizer = start_state(cfg, mesh, checkpoints, data_iter)
+    start = int(state.step)
+    if start:
         logger.info("resumed %s at step %d", run_dir, start)
 
     step_fn = make_train_step(
-        optimizer, mode=mode, loss_cfg=cfg.loss,
+        optimizer, mode=cfg.train.mode, loss_cfg=cfg.loss,
         grad_to_backbone=cfg.train.energy_grad_to_backbone, ema_decay=cfg.optim.ema_decay,
     )
     config_dict = to_dict(cfg)
@@ -207,10 +190,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _place(tree, mesh):
-    """Arrays onto the mesh by the FSDP rule (small leaves replicated)."""
-    shardings = fsdp_shardings(tree, mesh)
-    return jax.tree.map(
-        lambda x, s: jax.device_put(x, s) if s is not None else x, tree, shardings,
-        is_leaf=lambda x: x is None,
+def start_state(
+    cfg: TrainConfig, mesh: Mesh, checkpoints: RunCheckpoints, data_iter: Iterator | None = None,
+    *, min_bytes: int = FSDP_MIN_BYTES,
+) -> tuple[RunModel, TrainState, Optimizer]:
+    """(frozen half, train state, optimizer) on `mesh`: restored from the latest checkpoint when there
+    is one (`data_iter` moved to its position), fresh otherwise. Either way every array is created
+    in its FSDP sharding (`init_sharded`, or orbax reading each device's shards into the sharded
+    templates), params, optimizer state and EMA in f32 whatever the checkpoint stores."""
+    restoring = checkpoints.latest_step is not None
+    trainable, frozen = init_model(cfg, mesh, restoring=restoring, min_bytes=min_bytes)
+    params = eqx.filter(trainable, is_inexact)
+    del trainable  # only `params` may hold the trainable arrays: init_sharded donates them
+    optimizer = make_optimizer(
+        cfg.optim, group_labels(params), total_steps=cfg.train.steps, energy_warm_steps=cfg.train.energy_warm_steps
     )
+    init = functools.partial(init_state, optimizer=optimizer, ema=cfg.optim.ema_decay is not None)
+    if not restoring:
+        return frozen, init_sharded(init, params, mesh=mesh, min_bytes=min_bytes, donate=True), optimizer
+    template = sharded_shapes(eqx.filter_eval_shape(init, params), mesh, min_bytes)
+    restored = checkpoints.restore(
+        params=template.params, opt_state=template.opt_state, ema=template.ema, data_iter=data_iter
+    )
+    state = TrainState(
+        params=restored.params, opt_state=restored.opt_state, ema=restored.ema,
+        step=jax.device_put(np.int32(restored.step), replicated(mesh)),
+        skipped=jax.device_put(np.int32(restored.skipped), replicated(mesh)),
+    )
+    return frozen, state, optimizer

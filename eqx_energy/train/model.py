@@ -1,7 +1,10 @@
 """A run's model: the policy and the energy head as siblings, the mode's trainable filter, and
 the one way a run builds it (`init_model`), which training and `load_run` both call.
 
-The openpi loader fills `policy`; the energy head is fresh or comes from our checkpoint.
+The openpi loader fills `policy`; the energy head is fresh or comes from our checkpoint. Every
+array is created in its FSDP sharding (train/sharding.py), never whole on one device first.
+Precision as shipped: trained leaves are f32 (the policy's master weights in joint and monitor
+mode, whatever dtype the checkpoint stores), the frozen backbone is `policy.frozen_dtype`.
 Trainable vs frozen is an `eqx.partition` filter spec over this container, built from the mode
 (no flags threaded through the model):
 
@@ -17,12 +20,14 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from eqx_energy.checkpoints.openpi import load_openpi_params
 from eqx_energy.energy import EnergyModel
-from eqx_energy.policy.pi0 import Pi0, init_pi0
+from eqx_energy.policy.pi0 import Pi0
 from eqx_energy.train.config import TrainConfig
+from eqx_energy.train.sharding import FSDP_MIN_BYTES, init_sharded, sharded_shapes
 
 Mode = Literal["energy_only", "joint", "monitor"]
 
@@ -53,14 +58,20 @@ def trainable_spec(model: RunModel, mode: Mode) -> PyTree:
     )
 
 
-def cast_frozen(frozen: RunModel, dtype: str | None) -> RunModel:
-    """Cast the frozen policy's float arrays (the backbone) to `dtype`; the energy head stays f32.
-    None leaves them as they are."""
+def policy_dtype(cfg: TrainConfig) -> str | None:
+    """The dtype the policy's parameters are held in (DESIGN: trainable leaves are f32 whatever the
+    checkpoint stores). Trained (joint, monitor): float32 master weights, cast to the compute dtype
+    `policy.model.dtype` where they are used. Frozen (energy_only): `policy.frozen_dtype` (None: as
+    built or stored)."""
+    return cfg.policy.frozen_dtype if cfg.train.mode == "energy_only" else "float32"
+
+
+def _cast_policy(model: RunModel, dtype: str | None) -> RunModel:
+    """The policy's float arrays cast to `dtype` (None: unchanged); the energy head stays f32."""
     if dtype is None:
-        return frozen
-    target = jnp.dtype(dtype)
-    policy = jax.tree.map(lambda x: x.astype(target) if eqx.is_inexact_array(x) else x, frozen.policy)
-    return eqx.tree_at(lambda m: m.policy, frozen, policy, is_leaf=lambda x: x is None)
+        return model
+    policy = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model.policy)
+    return eqx.tree_at(lambda m: m.policy, model, policy, is_leaf=lambda x: x is None)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -70,30 +81,39 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return model_key, train_key
 
 
-def build_model(cfg: TrainConfig, key: jax.Array, *, policy_shapes_only: bool = False) -> RunModel:
-    """The policy (from the openpi checkpoint, or freshly initialized; only its ShapeDtypeStructs with
-    `policy_shapes_only`) and a fresh energy head."""
+def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
+    """A fresh policy and energy head from `key` (f32, on the default device; `init_model` builds
+    a run's model sharded from this)."""
     policy_key, energy_key = jax.random.split(key)
-    if policy_shapes_only:
-        policy = eqx.filter_eval_shape(Pi0, cfg.policy.model, key=policy_key)  # what init_pi0 returns, uncomputed
-    elif cfg.policy.checkpoint:
-        policy: Pi0 = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model)
-    else:
-        policy = init_pi0(cfg.policy.model, key=policy_key)
     learn_tau = cfg.loss.tau if cfg.loss.learn_tau else None
-    return RunModel(policy=policy, energy=EnergyModel(cfg.energy, key=energy_key, learn_tau=learn_tau))
+    return RunModel(policy=Pi0(cfg.policy.model, key=policy_key), energy=EnergyModel(cfg.energy, key=energy_key, learn_tau=learn_tau))
 
 
-def init_model(cfg: TrainConfig, *, restoring: bool = False) -> tuple[RunModel, RunModel]:
-    """(trainable, frozen): `build_model` from `run_keys(cfg.train.seed)`, partitioned by
-    `train.mode`; in energy_only mode the frozen policy is cast to `policy.frozen_dtype`. A served
-    run rebuilds the frozen half bit for bit from this and restores the trainable half over it;
-    `restoring` skips initializing a trainable fresh policy (its leaves are ShapeDtypeStructs, the
-    restore template), which would only be thrown away."""
-    shapes_only = restoring and cfg.train.mode != "energy_only" and not cfg.policy.checkpoint
-    model = build_model(cfg, run_keys(cfg.train.seed)[0], policy_shapes_only=shapes_only)
-    trainable, frozen = eqx.partition(model, trainable_spec(model, cfg.train.mode))
-    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)), "a frozen leaf was not built"
-    if cfg.train.mode == "energy_only":
-        frozen = cast_frozen(frozen, cfg.policy.frozen_dtype)
-    return trainable, frozen
+def init_model(
+    cfg: TrainConfig, mesh: Mesh, *, restoring: bool = False, min_bytes: int = FSDP_MIN_BYTES
+) -> tuple[RunModel, RunModel]:
+    """(trainable, frozen): the run's model partitioned by `train.mode`, every array created in its
+    FSDP sharding on `mesh` (`init_sharded`; the openpi policy read shard by shard), the policy in
+    `policy_dtype(cfg)`, the energy head in f32.
+
+    Fresh leaves come from `build_model(cfg, run_keys(seed)[0])`, so a served run rebuilds the frozen
+    half bit for bit. `restoring` creates the frozen half only: the trainable leaves are sharded
+    ShapeDtypeStructs, the template of the checkpoint restored over them, and nothing of them is
+    computed or read.
+    """
+    key = run_keys(cfg.train.seed)[0]
+    dtype = policy_dtype(cfg)
+    build = lambda k: _cast_policy(build_model(cfg, k), dtype)  # noqa: E731
+    shapes = sharded_shapes(eqx.filter_eval_shape(build, key), mesh, min_bytes)
+    spec = trainable_spec(shapes, cfg.train.mode)
+    create = jax.tree.map(lambda trained: not (restoring and trained), spec)
+    openpi = cfg.policy.checkpoint is not None
+    if openpi:  # the policy comes from the checkpoint, never from the key
+        create = eqx.tree_at(lambda m: m.policy, create, jax.tree.map(lambda _: False, create.policy))
+    fresh = init_sharded(lambda k: eqx.filter(build(k), create), key, mesh=mesh, min_bytes=min_bytes)
+    model = eqx.combine(fresh, shapes)
+    if openpi and not (restoring and cfg.train.mode != "energy_only"):  # a trained policy is restored instead
+        policy_shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None, shapes.policy)
+        policy = load_openpi_params(cfg.policy.checkpoint, cfg.policy.model, dtype=dtype, shardings=policy_shardings)
+        model = eqx.tree_at(lambda m: m.policy, model, policy)
+    return eqx.partition(model, spec)

@@ -5,6 +5,11 @@ by the fsdp size; smaller or indivisible arrays are replicated. Batches: the lea
 over all devices, ("data", "fsdp"), since FSDP devices also take different examples (as openpi).
 Model code never names an axis; it stays sharding-agnostic and the compiler propagates layouts.
 
+Arrays are created where they live: `init_sharded` evaluates an initializer's shapes, gives each
+leaf its FSDP sharding, and runs the initializer under one jit with those `out_shardings`, so each
+device computes only its own shard; `sharded_shapes` gives the same shardings as restore templates.
+No device ever holds a whole sharded leaf.
+
 Multi-host: call `maybe_initialize_distributed()` first thing in the program (before any JAX
 computation). It runs `jax.distributed.initialize()` when one of these says a job spans processes:
   - JAX_COORDINATOR_ADDRESS (host:port of process 0), with JAX_NUM_PROCESSES and JAX_PROCESS_ID
@@ -16,6 +21,7 @@ Each process then feeds its own slice of the global batch to `shard_batch`.
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -29,15 +35,16 @@ logger = logging.getLogger(__name__)
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
+FSDP_MIN_BYTES = 4 * 2**20  # smaller parameters are replicated (openpi's min_size_mbytes=4)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over all devices with Auto axis types; -1 = the devices left over.
+def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (None: all) with Auto axis types; -1 = the devices left over.
 
     Auto, not jax's default Explicit: Explicit axes break `eqx.filter_shard` and unannotated
     matmuls between FSDP-sharded weights and data-sharded activations.
     """
-    n = jax.device_count()
+    n = jax.device_count() if devices is None else len(devices)
     if data == -1 and fsdp == -1:
         raise ValueError("make_mesh: at most one of data and fsdp may be -1, got both; give fsdp a size")
     if fsdp == -1:
@@ -49,7 +56,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
             f"make_mesh: data x fsdp must equal the {n} devices, got data={data}, fsdp={fsdp}; "
             f"pick sizes whose product is {n}, or -1 for one of them"
         )
-    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def fsdp_spec(shape: tuple[int, ...], itemsize: int, fsdp_size: int, min_bytes: int) -> P:
@@ -64,7 +71,7 @@ def fsdp_spec(shape: tuple[int, ...], itemsize: int, fsdp_size: int, min_bytes: 
     return P()
 
 
-def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int = 4 * 2**20) -> PyTree:
+def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int = FSDP_MIN_BYTES) -> PyTree:
     """NamedSharding per array leaf of `tree` (arrays or ShapeDtypeStructs); None elsewhere.
 
     Leaves of at least `min_bytes` are FSDP-sharded by `fsdp_spec`; each decision is logged.
@@ -82,6 +89,41 @@ def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int = 4 * 2**20) -> PyTr
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _is_shape(x: object) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+def sharded_shapes(tree: PyTree, mesh: Mesh, min_bytes: int = FSDP_MIN_BYTES) -> PyTree:
+    """Array and ShapeDtypeStruct leaves -> ShapeDtypeStructs carrying their `fsdp_shardings`
+    sharding (restore templates, `init_sharded`'s outputs); other leaves unchanged."""
+    shardings = fsdp_shardings(tree, mesh, min_bytes)
+    return jax.tree.map(
+        lambda x, s: x if s is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        tree, shardings, is_leaf=lambda x: x is None,
+    )
+
+
+def init_sharded(
+    init: Callable[..., PyTree], *args: PyTree, mesh: Mesh, min_bytes: int = FSDP_MIN_BYTES, donate: bool = False
+) -> PyTree:
+    """`init(*args)` with every array created straight into its `fsdp_shardings` sharding.
+
+    The shapes come from `eqx.filter_eval_shape`; one jit with those `out_shardings` then computes
+    each device's shards only (random keys are partitionable, so values do not depend on the mesh).
+    `args` are array pytrees; `donate` hands their buffers to the outputs (e.g. params moved into a
+    train state). Compiled without optimisation: an init is run once, and an optimised compile of a
+    large model costs ~10x the init itself on a CPU.
+    """
+    shapes, static = eqx.partition(eqx.filter_eval_shape(init, *args), _is_shape)
+    out_shardings = fsdp_shardings(shapes, mesh, min_bytes)
+    arrays = lambda *a: eqx.filter(init(*a), eqx.is_array)  # noqa: E731
+    jitted = jax.jit(arrays, out_shardings=out_shardings, donate_argnums=tuple(range(len(args))) if donate else ())
+    compiled = jitted.lower(*args).compile(
+        compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    )
+    return eqx.combine(compiled(*args), static)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
