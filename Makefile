@@ -26,23 +26,31 @@ demo: $(STAMP)
 	$(PY) train.py --config demo --run-dir $(DEMO_RUN) --set data.root=$(DEMO_DATA)
 	$(PY) correct.py --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/eval --alpha-sweep 0.03,0.1,0.3 --num-samples 1,2,4,8
 
-# The closed-loop experiment of EFFICACY.md: state-only demos -> policy + energy -> tune alpha on seeds 200
-# -> report on seeds 100. EFF_ALPHA is the tune step's choice for the committed config (EFFICACY.md, session 3);
-# re-read runs/.../tune/results.md and set it when the config changes.
+# The closed-loop experiment of EFFICACY.md (issue 12's recipe): state-only demos -> a policy trained jointly
+# (metaworld_energy) -> its export -> an energy trained energy_only against that frozen policy's own samples
+# (metaworld_energy_select) -> offline diagnostics -> tune N on seeds 200 -> report on seeds 100, every method
+# paired with the plain policy on the same episodes and beside the oracle at the same N. EFF_N is the tune
+# step's choice (EFFICACY.md); re-read $(EFF_RUN)/tune/paired.md and set it when the recipe changes.
 EFF_DATA ?= data/generated/metaworld_state
-EFF_RUN ?= runs/metaworld_state
+EFF_POLICY_RUN ?= runs/metaworld_state
+EFF_RUN ?= runs/metaworld_select
 EFF_TASKS ?= reach-v3,push-v3,pick-place-v3,drawer-open-v3
-EFF_ALPHA ?= 0.1
-EFF_EPISODES ?= 50
+EFF_N ?= 8
+EFF_EPISODES ?= 100
 
 efficacy: $(STAMP)
 	test -f $(EFF_DATA)/meta/info.json || $(PY) -m eqx_energy.sim.generate --out $(EFF_DATA) --no-images \
 	  --tasks $(EFF_TASKS) --episodes-per-task 100 --noisy-fraction 0 --max-steps 150
-	$(PY) train.py --config metaworld_energy --run-dir $(EFF_RUN) --set data.root=$(EFF_DATA)
+	$(PY) train.py --config metaworld_energy --run-dir $(EFF_POLICY_RUN) --set data.root=$(EFF_DATA)
+	test -d $(EFF_POLICY_RUN)/policy_params || $(PY) -m eqx_energy.checkpoints.export_policy $(EFF_POLICY_RUN)
+	$(PY) train.py --config metaworld_energy_select --run-dir $(EFF_RUN) --set data.root=$(EFF_DATA) \
+	  --set policy.checkpoint=$(EFF_POLICY_RUN)/policy_params --set policy.tokenizer=$(EFF_POLICY_RUN)/tokenizer.model \
+	  --set data.norm_stats=$(EFF_POLICY_RUN)/norm_stats.json
+	$(PY) correct.py --ckpt $(EFF_RUN) --num-samples 1,4,8,16 --out $(EFF_RUN)/offline
 	$(PY) correct.py eval-sim --ckpt $(EFF_RUN) --tasks $(EFF_TASKS) --seed 200 --episodes 25 --batch-envs 25 \
-	  --sigmas 0.5,1.0 --steps 3 --alpha 0.03,0.1,0.3 --out $(EFF_RUN)/tune
+	  --sigmas 0,0.3 --method off,select,oracle --num-samples 4,8,16 --out $(EFF_RUN)/tune
 	$(PY) correct.py eval-sim --ckpt $(EFF_RUN) --tasks $(EFF_TASKS) --seed 100 --episodes $(EFF_EPISODES) \
-	  --batch-envs $(EFF_EPISODES) --sigmas 0,0.3,0.5,1.0 --steps 3 --alpha $(EFF_ALPHA) --out $(EFF_RUN)/eval
+	  --batch-envs 50 --sigmas 0,0.3 --method off,select,oracle --num-samples $(EFF_N) --out $(EFF_RUN)/eval
 
 bench: $(STAMP)
 	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
