@@ -28,6 +28,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+# A replicated array is written whole by its first replica. Orbax's default on CPU splits the write
+# over the replicas, which compiles one slice per leaf and replica: at the first save of the tiny
+# model on 8 devices, 23.5 CPU-s against 1.9 s this way (restores are unaffected).
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+)
+
 
 class CheckpointError(RuntimeError):
     """A missing, incomplete or unreadable checkpoint; the message names the path."""
