@@ -203,14 +203,19 @@ def load_openpi_params(
     return eqx.tree_at(_getter, template, [read[p] for p in expected])
 
 
-def save_openpi_params(pi0: Pi0, params_dir: str | pathlib.Path, *, value_level: bool = False) -> pathlib.Path:
+def save_openpi_params(
+    pi0: Pi0, params_dir: str | pathlib.Path, *, value_level: bool = False, chunk_bytes: int | None = 64 * 2**20
+) -> pathlib.Path:
     """Write `pi0` as openpi's `<checkpoint>/params` (orbax PyTree `{"params": ...}`, leaves as stored in pi0).
 
-    `value_level=True` writes openpi's training-checkpoint layout (every path ends in `value`).
+    `value_level=True` writes openpi's training-checkpoint layout (every path ends in `value`). Arrays
+    are stored in chunks of at most `chunk_bytes`, so a load decodes (and casts) one chunk at a time;
+    None writes one chunk per array, as openpi's saver does (a load then decodes a whole leaf at once).
     """
     params_dir = pathlib.Path(params_dir).absolute()
-    leaves = openpi_leaves(pi0)
-    ocp.PyTreeCheckpointer().save(params_dir, {"params": _nest(leaves, ("value",) if value_level else ())})
+    tree = {"params": _nest(openpi_leaves(pi0), ("value",) if value_level else ())}
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
+    ocp.PyTreeCheckpointer().save(params_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
     return params_dir
 
 
