@@ -9,14 +9,16 @@ included, so neither loading nor saving reshapes or transposes anything.
 Loading fills an `eqx.filter_eval_shape` template (nothing is initialised first) one leaf at a time,
 largest first: tensorstore decodes the leaf straight into the requested dtype (its cast driver, as orbax
 restores) in one 64-byte-aligned host buffer, which each device of the leaf's sharding takes its shard
-from (on a CPU without a copy). So the peak holds the loaded leaves plus one leaf in flight; that leaf
-costs its compressed bytes and, if it is cast, its stored-dtype decode (BENCHMARKS.md). Keys in the checkpoint
+from (on a CPU without a copy). So the peak holds the loaded leaves plus one leaf in flight, whose zarr
+chunk being decoded also holds its compressed bytes and, if cast, a stored-dtype copy: a whole array
+in openpi's layout, at most 64 MiB in `save_openpi_params`' (BENCHMARKS.md). Keys in the checkpoint
 that the policy does not have (e.g. an `energy_model` subtree of the seed's fork) are ignored: the
 energy head is a sibling of the policy and is initialised or restored separately.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 from typing import Any
@@ -148,7 +150,10 @@ def _read_leaf(spec: dict[str, Any], dtype: np.dtype, sharding: jax.sharding.Sha
     if store.dtype.numpy_dtype != dtype:
         store = store.astype(dtype)  # tensorstore casts while decoding: no stored-dtype copy of the whole leaf
     host = _aligned_empty(tuple(store.shape), dtype)
-    ts.array(host).write(store).result()
+    chunk = store.chunk_layout.read_chunk.shape
+    for start in itertools.product(*(range(0, n, c) for n, c in zip(store.shape, chunk))):
+        box = tuple(slice(i, i + c) for i, c in zip(start, chunk))  # one chunk at a time: one decoded in flight
+        ts.array(host)[box].write(store[box]).result()
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
