@@ -33,7 +33,9 @@ from eqx_energy.train.inputs import CONFIG_COPY_FILE, HOLDOUT_FILE, build_inputs
 from eqx_energy.train.metrics import DataWaitTimer, MetricsLogger
 from eqx_energy.train.model import RunModel, init_model, is_inexact, run_keys
 from eqx_energy.train.optim import Optimizer, group_labels, make_optimizer
-from eqx_energy.train.sharding import FSDP_MIN_BYTES, init_sharded, make_mesh, replicated, shard_batch, sharded_shapes
+from eqx_energy.train.sharding import (
+    FSDP_MIN_BYTES, init_sharded, make_mesh, process_zero_first, replicated, shard_batch, sharded_shapes,
+)
 from eqx_energy.train.step import TrainState, init_state, make_train_step
 
 logger = logging.getLogger(__name__)
@@ -96,12 +98,15 @@ def run(
         _check_config_change(run_dir, existing, cfg, allow=allow_config_change)
     checkpoints = RunCheckpoints(run_dir, keep=cfg.train.keep_checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir / CONFIG_COPY_FILE)
+    writer = jax.process_index() == 0  # every process shares the run dir; one writes its files
+    if writer:
+        write_config(cfg, run_dir / CONFIG_COPY_FILE)
     train_key = run_keys(cfg.train.seed)[1]  # init_model builds the model from the other half
 
-    source, transforms, stats = build_inputs(cfg, run_dir)
+    source, transforms, stats = process_zero_first(lambda: build_inputs(cfg, run_dir), "run inputs")  # may write files
     holdout = holdout_episodes(source.info["total_episodes"], cfg.data.holdout_fraction, cfg.data.holdout_seed)
-    atomic_write(run_dir / HOLDOUT_FILE, json.dumps([int(e) for e in holdout]))
+    if writer:
+        atomic_write(run_dir / HOLDOUT_FILE, json.dumps([int(e) for e in holdout]))
     pipeline = make_pipeline(
         source, Compose((*transforms.inputs, model_inputs)), batch_size=cfg.data.batch_size,
         seed=cfg.train.seed, workers=cfg.data.workers,
@@ -159,8 +164,9 @@ def _check_config_change(run_dir: Path, step: int, cfg: TrainConfig, *, allow: b
         )
     logger.warning("resuming %s at step %d with a changed config: %s", run_dir, step, shown)
     log = run_dir / CONFIG_CHANGES_FILE
-    earlier = log.read_text() if log.exists() else ""
-    atomic_write(log, earlier + json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
+    if jax.process_index() == 0:  # one line per resume, not one per process
+        earlier = log.read_text() if log.exists() else ""
+        atomic_write(log, earlier + json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
 
 
 def config_diff(saved: dict, current: dict) -> dict[str, list]:

@@ -14,19 +14,25 @@ Multi-host: call `maybe_initialize_distributed()` first thing in the program (be
 computation). It runs `jax.distributed.initialize()` when one of these says a job spans processes:
   - JAX_COORDINATOR_ADDRESS (host:port of process 0), with JAX_NUM_PROCESSES and JAX_PROCESS_ID
     (any cluster; JAX reads the address itself, we pass the two counts);
-  - SLURM_NTASKS > 1 (srun; JAX reads the Slurm variables itself);
+  - SLURM_STEP_NUM_TASKS > 1 (inside `srun`; JAX reads the Slurm variables itself and gives each
+    task one device, number SLURM_LOCALID, unless JAX_LOCAL_DEVICE_IDS lists them);
   - OMPI_COMM_WORLD_SIZE > 1 (mpirun from Open MPI; JAX reads its variables itself).
-Each process then feeds its own slice of the global batch to `shard_batch`.
+Process i then feeds rows [i b, (i+1) b) of every global batch to `shard_batch` (make_pipeline
+reads just those), so a step sees the same examples in the same order on any number of processes.
+The processes share one run dir (orbax needs a shared filesystem); `process_zero_first` lets
+process 0 alone create files there.
 """
 
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -137,10 +143,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
-    """This process's slice of the global batch (numpy or jax leaves) -> global arrays on `mesh`.
+    """This process's rows of the global batch (numpy or jax leaves) -> global arrays on `mesh`.
 
-    With one process the slice is the whole batch. The global leading size must divide by the
-    number of devices.
+    Process i of n passes rows [i b, (i+1) b) of a global batch of n b rows (with one process,
+    the whole batch), which its devices must hold under `data_sharding`: true of `make_mesh`,
+    whose device order is process-major. The global batch must divide by the number of devices.
     """
     sharding = data_sharding(mesh)
     n = mesh.size
@@ -154,26 +161,67 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
                 f"axis times {local} process(es) must divide by the {n} devices of the mesh; "
                 f"change data.batch_size to a multiple of {n}"
             )
+        _check_process_rows(sharding, x.shape[0], local)
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def _check_process_rows(sharding: NamedSharding, rows: int, processes: int) -> None:
+    """Raise unless this process's devices hold rows [i rows, (i+1) rows) of the global batch."""
+    if processes == 1:
+        return
+    index = jax.process_index()
+    held = {
+        row
+        for slices in sharding.addressable_devices_indices_map((rows * processes,)).values()
+        for row in range(*slices[0].indices(rows * processes))
+    }
+    if held != set(range(index * rows, (index + 1) * rows)):
+        raise ValueError(
+            f"shard_batch: process {index}'s devices hold rows {sorted(held)} of the global batch, but it "
+            f"passes rows {index * rows}..{(index + 1) * rows - 1} (its data pipeline's shard); build the mesh "
+            "with make_mesh, whose device order is process-major"
+        )
+
+
+T = TypeVar("T")
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+    """`fn()` on process 0 and, once it has returned there, on the others (a barrier named `name`).
+
+    For files in the run dir that all processes share: process 0 creates them, the others read
+    what it wrote instead of racing to write the same files. With one process, just `fn()`.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    first = jax.process_index() == 0
+    out = fn() if first else None
+    multihost_utils.sync_global_devices(name)
+    return out if first else fn()
 
 
 def maybe_initialize_distributed() -> bool:
     """`jax.distributed.initialize()` if the environment describes a multi-process job (module doc).
 
     Returns whether it initialized. Call before any other JAX computation; later calls are no-ops.
+    Slurm counts as multi-process inside a multi-task `srun` step only: a batch script's own
+    `python` (SLURM_NTASKS may be > 1 there too) is one process and must not wait for others.
     """
     env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
+    cluster = int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    multi = cluster or "JAX_COORDINATOR_ADDRESS" in env
     if not multi or jax.distributed.is_initialized():
         return False
     names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
     counts = {arg: int(env[var]) for arg, var in names.items() if var in env}
+    if not cluster and len(counts) < 2:
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} makes this a multi-process job, but "
+            f"{' and '.join(v for v in names.values() if v not in env)} is not set; set JAX_NUM_PROCESSES=N and "
+            "JAX_PROCESS_ID=0..N-1 on every host (or unset JAX_COORDINATOR_ADDRESS for one process)"
+        )
     jax.distributed.initialize(**counts)
     logger.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
