@@ -8,6 +8,16 @@ Architecture (seeds 000 and 002, DESIGN.md "Reference architecture"):
     e_t    = T(ψ(Z_t))                                      ψ: MLPResNet head, T: output transform
     E      = mean_t e_t
 
+With `context_latents` = L, the context is pooled to L learned latent tokens before the pairwise
+attention (Perceiver, Jaegle et al. 2021, arXiv 2103.03206), once per context:
+
+    X      = φ_c(c)                                         (s d), key mask m
+    P      = Z + W_o' MHA(W_q' Z, W_k' X, W_v' X; m)        Z: (L d) learned, P: (L d)
+    K, V   = W_k P + b_k,  W_v P + b_v                      every action step then attends over L, not s
+
+so each (context, chunk) pair costs O(h L d) attention instead of O(h s d). Off (None) by default:
+no pooling weights, the seed's parameter tree and outputs.
+
 With `time_conditioning`, E(c, a, t) scores a chunk at flow time t (openpi: x_t = t eps + (1 - t) a,
 t = 0 clean): W_t sincos(t) + b_t is added to φ_a(a) + PE (CEP's time-dependent energy, arXiv
 2304.12824), and t=None means t=0. Without it the module has no time weights, so seed-format
@@ -67,6 +77,9 @@ class EnergyConfig:
     # each step's scale and offset (E(c, s a_t + m) = E(c, a_t)): with a = 2 or 4 it sees little more
     # than a direction. False feeds the raw normalized actions to φ_a (same weights, LayerNorm unused).
     action_input_norm: bool = True
+    # Perceiver-style pooling of the context to this many learned latent tokens before the pairwise
+    # attention (L << s: b² pairs attend over L tokens, not s); None = the seed's attention over every token
+    context_latents: int | None = None
 
     def __post_init__(self):
         if self.output not in _OUTPUT_DEFAULTS:
@@ -81,6 +94,8 @@ class EnergyConfig:
         for name in ("context_dim", "action_dim", "hidden", "num_heads", "max_horizon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"energy.{name} must be positive, got {getattr(self, name)}")
+        if self.context_latents is not None and self.context_latents <= 0:
+            raise ValueError(f"energy.context_latents must be positive or null, got {self.context_latents}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"energy.dropout must be in [0, 1), got {self.dropout}")
 
@@ -148,6 +163,51 @@ def sinusoidal_encoding(length: int, width: int) -> Float[Array, "h d"]:
     return encoding.at[:, 1::2].set(jnp.cos(angles[:, : width // 2]))
 
 
+def _multihead_attention(
+    queries: Float[Array, "q d"], keys: Float[Array, "s d"], values: Float[Array, "s d"], mask: Bool[Array, " s"],
+    num_heads: int,
+) -> Float[Array, "q d"]:
+    """softmax(Q_n K_n^T / sqrt(d / n) masked) V_n per head n, heads concatenated; masked keys get weight 0."""
+    length, width = queries.shape
+    head_dim = width // num_heads
+    q = queries.reshape(length, num_heads, head_dim)
+    k = keys.reshape(-1, num_heads, head_dim)
+    v = values.reshape(-1, num_heads, head_dim)
+    logits = jnp.einsum("hnd,snd->nhs", q, k) / math.sqrt(head_dim)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    # Zeroing after the softmax keeps a fully masked context finite (uniform -> 0 weights).
+    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    return jnp.einsum("nhs,snd->hnd", weights, v).reshape(length, width)
+
+
+class ContextPooling(eqx.Module):
+    """P = Z + W_o MHA(W_q Z, W_k X, W_v X; mask): L learned latents Z read the s context tokens X."""
+
+    latents: Float[Array, "l d"]
+    query: eqx.nn.Linear
+    key_proj: eqx.nn.Linear
+    value: eqx.nn.Linear
+    out: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, num_latents: int, width: int, num_heads: int, *, key: PRNGKeyArray):
+        z_key, q_key, k_key, v_key, o_key = jax.random.split(key, 5)
+        self.latents = jax.random.normal(z_key, (num_latents, width), jnp.float32)  # unit scale, as φ_c's tokens
+        self.query = eqx.nn.Linear(width, width, key=q_key)
+        self.key_proj = eqx.nn.Linear(width, width, key=k_key)
+        self.value = eqx.nn.Linear(width, width, key=v_key)
+        self.out = eqx.nn.Linear(width, width, key=o_key)
+        self.num_heads = num_heads
+
+    def __call__(self, tokens: Float[Array, "s d"], mask: Bool[Array, " s"]) -> Float[Array, "l d"]:
+        latents = self.latents.astype(tokens.dtype)
+        attended = _multihead_attention(
+            jax.vmap(self.query)(latents), jax.vmap(self.key_proj)(tokens), jax.vmap(self.value)(tokens),
+            mask, self.num_heads,
+        )
+        return latents + jax.vmap(self.out)(attended)
+
+
 class ContextEncoding(eqx.Module):
     """Everything E needs from the context that does not depend on the actions."""
 
@@ -168,6 +228,7 @@ class EnergyModel(eqx.Module):
     attn_out: eqx.nn.Linear
     head: MLPResNet
     time_proj: eqx.nn.Linear | None  # sincos(t) -> hidden; None unless config.time_conditioning
+    pooling: ContextPooling | None  # s context tokens -> L latents; None unless config.context_latents
     log_tau: Float[Array, ""] | None  # a learnable InfoNCE temperature (loss.learn_tau); None = fixed loss.tau
     config: EnergyConfig = eqx.field(static=True)
 
@@ -187,6 +248,10 @@ class EnergyModel(eqx.Module):
         self.head = MLPResNet(config.head_blocks, d, d, 1, key=head_key)
         # its own fold of the key: the other weights stay what they are without the option
         self.time_proj = eqx.nn.Linear(d, d, key=jax.random.fold_in(key, 7)) if config.time_conditioning else None
+        self.pooling = (
+            None if config.context_latents is None
+            else ContextPooling(config.context_latents, d, config.num_heads, key=jax.random.fold_in(key, 8))
+        )
         self.log_tau = None if learn_tau is None else jnp.log(jnp.asarray(learn_tau, jnp.float32))
         self.config = config
 
@@ -200,13 +265,17 @@ class EnergyModel(eqx.Module):
         return self.query.weight.dtype
 
     def encode_context(self, context: Context, context_mask: ContextMask) -> ContextEncoding:
-        """Projected attention keys and values of the context tokens (computed once per context)."""
+        """Projected attention keys and values of the context tokens, or of the L pooled latents with
+        `context_latents` (then all valid); computed once per context."""
         if context.shape[-1] != self.config.context_dim:
             raise ValueError(
                 f"context has c={context.shape[-1]} features but energy.context_dim="
                 f"{self.config.context_dim}; pass the policy's prefix features (b s c)"
             )
         tokens = jax.vmap(self.context_proj)(context.astype(self.dtype))
+        if self.pooling is not None:
+            tokens = self.pooling(tokens, context_mask)
+            context_mask = jnp.ones(tokens.shape[0], bool)
         return ContextEncoding(
             keys=jax.vmap(self.key_proj)(tokens),
             values=jax.vmap(self.value)(tokens),
@@ -240,7 +309,7 @@ class EnergyModel(eqx.Module):
 
     def step_energies(self, encoding: ContextEncoding, queries: Float[Array, "h d"]) -> Float[Array, " h"]:
         """Per-step energies e_t from a context encoding and action queries."""
-        attended = self._attend(encoding, queries)
+        attended = _multihead_attention(queries, encoding.keys, encoding.values, encoding.mask, self.config.num_heads)
         raw = jax.vmap(self.head)(jax.vmap(self.attn_out)(attended))[:, 0]
         slope, scale, offset = self.config.output_params
         if self.config.output == "sigmoid":
@@ -248,19 +317,6 @@ class EnergyModel(eqx.Module):
         if self.config.output == "softplus":
             return scale * jax.nn.softplus(slope * raw) + offset
         return scale * (slope * raw) + offset
-
-    def _attend(self, encoding: ContextEncoding, queries: Float[Array, "h d"]) -> Float[Array, "h d"]:
-        heads = self.config.num_heads
-        horizon, width = queries.shape
-        head_dim = width // heads
-        q = queries.reshape(horizon, heads, head_dim)
-        k = encoding.keys.reshape(-1, heads, head_dim)
-        v = encoding.values.reshape(-1, heads, head_dim)
-        logits = jnp.einsum("hnd,snd->nhs", q, k) / math.sqrt(head_dim)
-        logits = jnp.where(encoding.mask, logits, jnp.finfo(logits.dtype).min)
-        # Zeroing after the softmax keeps a fully masked context finite (uniform -> 0 weights).
-        weights = jnp.where(encoding.mask, jax.nn.softmax(logits, axis=-1), 0.0)
-        return jnp.einsum("nhs,snd->hnd", weights, v).reshape(horizon, width)
 
     def score(
         self,

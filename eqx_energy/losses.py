@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from eqx_energy._typing import BatchActions, BatchContext, BatchContextMask, Scalar
 from eqx_energy.energy import ContextEncoding, EnergyModel
@@ -36,6 +36,10 @@ def _encode(model, context, actions, context_mask, key, inference):
     return jax.vmap(model.encode_context)(context, context_mask), queries
 
 
+def _pair_energy(model: EnergyModel, encoding: ContextEncoding, queries: Float[Array, "h d"]) -> Scalar:
+    return jnp.mean(model.step_energies(encoding, queries))
+
+
 def pairwise_energies(
     model: EnergyModel,
     encodings: ContextEncoding,
@@ -49,8 +53,7 @@ def pairwise_energies(
     chunk's attention activations instead of all b² of them.
     """
     batch = queries.shape[0]
-    pair = lambda enc, q: jnp.mean(model.step_energies(enc, q))  # noqa: E731
-    row = jax.vmap(pair, in_axes=(None, 0))  # one context against every action chunk
+    row = jax.vmap(lambda enc, q: _pair_energy(model, enc, q), in_axes=(None, 0))  # one context against every action chunk
     rows = jax.vmap(row, in_axes=(0, None))
     if chunk is None or chunk >= batch:
         return rows(encodings, queries)
@@ -109,6 +112,52 @@ def infonce_inbatch(
     return _cross_entropy_metrics(energies, tau, jnp.arange(actions.shape[0]))
 
 
+def sample_negative_indices(key: PRNGKeyArray, batch: int, num: int) -> Int[Array, "b k"]:
+    """n_ij = (i + 1 + pi_i(j)) mod b for j < k, pi_i a random permutation of 0..b-2 drawn per row:
+    k distinct other examples for each example i, never i itself."""
+    if not 0 < num < batch:
+        raise ValueError(
+            f"num_negatives={num} sampled negatives need 1 <= k <= b - 1 = {batch - 1} (the batch holds "
+            f"{batch - 1} other examples); lower loss.num_negatives or raise data.batch_size"
+        )
+    offsets = jax.vmap(lambda k: jax.random.permutation(k, batch - 1)[:num])(jax.random.split(key, batch))
+    return (jnp.arange(batch)[:, None] + 1 + offsets) % batch
+
+
+def infonce_sampled(
+    model: EnergyModel,
+    context: BatchContext,
+    actions: BatchActions,
+    context_mask: BatchContextMask,
+    negative_index: Int[Array, "b k"],
+    *,
+    tau: float | Float[Array, ""],
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[Scalar, Metrics]:
+    """In-batch InfoNCE over k sampled negatives: context i against its own chunk and k others'.
+
+    E_i0 = E(c_i, a_i), E_ij = E(c_i, a_{n_ij}) (j = 1..k); logits = clip(-E / tau, ±50);
+    loss = CE(logits, 0). b (k + 1) pair scores instead of `infonce_inbatch`'s b²; with k = b - 1
+    the two losses are equal (CE does not depend on the order of the negatives). `negative_index`
+    (b, k) from `sample_negative_indices`: row i must not contain i (checked with `eqx.error_if`).
+    Dropout as in `infonce_inbatch`.
+    """
+    batch = actions.shape[0]
+    rows = jnp.arange(batch)[:, None]
+    negative_index = eqx.error_if(
+        negative_index,
+        jnp.any((negative_index == rows) | (negative_index < 0) | (negative_index >= batch)),
+        "negative_index holds an example's own index (its positive) or one outside [0, b); "
+        "build it with sample_negative_indices",
+    )
+    encodings, queries = _encode(model, context, actions, context_mask, key, inference)
+    candidates = queries[jnp.concatenate([rows, negative_index], axis=1)]  # (b, k + 1, h, d), positive first
+    pair = lambda enc, q: _pair_energy(model, enc, q)  # noqa: E731
+    energies = jax.vmap(jax.vmap(pair, in_axes=(None, 0)))(encodings, candidates)
+    return _cross_entropy_metrics(energies, tau, jnp.zeros(batch, jnp.int32))
+
+
 # ----------------------------------------------------------------------------- negatives (seed 004)
 
 
@@ -161,7 +210,7 @@ def _positive_and_negative_energies(model, context, actions, negatives, context_
     neg_keys = None if neg_key is None else jax.random.split(neg_key, b * m)
     encode = lambda a, k: model.encode_actions(a, key=k, inference=inference)  # noqa: E731
     neg_queries = jax.vmap(encode)(flat, neg_keys).reshape(b, m, *queries.shape[1:])
-    pair = lambda enc, q: jnp.mean(model.step_energies(enc, q))  # noqa: E731
+    pair = lambda enc, q: _pair_energy(model, enc, q)  # noqa: E731
     e_pos = jax.vmap(pair)(encodings, queries)
     e_neg = jax.vmap(jax.vmap(pair, in_axes=(None, 0)))(encodings, neg_queries)
     return e_pos, e_neg

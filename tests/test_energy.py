@@ -181,3 +181,51 @@ def test_action_input_norm_off_sees_the_scale_and_offset_of_each_step(key):
     assert jax.tree.structure(jax.tree.leaves(seed_format)) == jax.tree.structure(jax.tree.leaves(raw))
     for x, y in zip(jax.tree.leaves(seed_format), jax.tree.leaves(raw)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_context_latents_off_keeps_the_seed_parameter_tree_and_outputs(key):
+    """Without pooling the model is the seed's: its leaves are the pooled model's less `pooling.*`,
+    value for value (the pooling weights come from their own fold of the key), and the output is the
+    independent numpy reference's (test_matches_independent_numpy_reference)."""
+    off = EnergyModel(CFG, key=key)
+    on = EnergyModel(dataclasses.replace(CFG, context_latents=3), key=key)
+    leaves = lambda m: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(m)}
+    off_leaves, on_leaves = leaves(off), leaves(on)
+    assert off.pooling is None
+    assert {name.split(".")[1] for name in set(on_leaves) - set(off_leaves)} == {"pooling"}
+    assert set(off_leaves) <= set(on_leaves)
+    for name, value in off_leaves.items():
+        np.testing.assert_array_equal(value, on_leaves[name])
+    context, actions, mask = _inputs(key)
+    enc = off.encode_context(context, mask)
+    assert enc.keys.shape == (6, CFG.hidden)
+    np.testing.assert_array_equal(enc.mask, mask)
+
+
+def test_context_latents_pool_the_context_to_l_tokens(key):
+    """With L latents the pairwise attention reads L pooled tokens: P = Z + W_o MHA(W_q Z, W_k X, W_v X; mask)
+    recomputed by hand; masked tokens still have no influence; a fully masked context stays finite."""
+    model = EnergyModel(dataclasses.replace(CFG, context_latents=3), key=key)
+    context, actions, mask = _inputs(key)
+    enc = model.encode_context(context, mask)
+    assert enc.keys.shape == (3, CFG.hidden) and enc.mask.shape == (3,) and bool(enc.mask.all())
+    p = jax.tree.map(np.asarray, model.pooling)
+    linear = lambda x, lin: x @ lin.weight.T + lin.bias  # noqa: E731
+    x = np.asarray(jax.vmap(model.context_proj)(context))
+    heads, dh = CFG.num_heads, CFG.hidden // CFG.num_heads
+    q = linear(p.latents, p.query).reshape(3, heads, dh)
+    k = linear(x, p.key_proj).reshape(6, heads, dh)
+    v = linear(x, p.value).reshape(6, heads, dh)
+    logits = np.einsum("lnd,snd->nls", q, k) / math.sqrt(dh)
+    logits = np.where(np.asarray(mask), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    pooled = p.latents + linear(np.einsum("nls,snd->lnd", weights, v).reshape(3, -1), p.out)
+    np.testing.assert_allclose(enc.keys, linear(pooled, jax.tree.map(np.asarray, model.key_proj)), rtol=1e-5, atol=1e-6)
+    energy = model(context, actions, mask)
+    np.testing.assert_allclose(model.score(enc, actions), energy, rtol=1e-6)
+    junk = context.at[4:].set(1e3)  # tokens 4, 5 are masked
+    np.testing.assert_allclose(model(junk, actions, mask), energy, rtol=1e-6)
+    assert np.isfinite(model(context, actions, jnp.zeros(6, bool)))
+    with pytest.raises(ValueError, match="context_latents"):
+        EnergyConfig(context_dim=12, action_dim=3, context_latents=0)

@@ -14,14 +14,18 @@ from eqx_energy.losses import (
     hinge,
     infonce_explicit,
     infonce_inbatch,
+    infonce_sampled,
     mixed,
     noise_to_time,
     policy_ranking,
     policy_softmax,
+    sample_negative_indices,
     shuffle_negatives,
     swap_negatives,
 )
 from eqx_energy.synthetic import synthetic_batch
+from eqx_energy.train.config import LossConfig
+from eqx_energy.train.step import energy_loss_fn
 
 CFG = EnergyConfig(context_dim=32, action_dim=4, hidden=32, num_heads=4, output="softplus")
 
@@ -151,6 +155,108 @@ def test_dropout_key_changes_loss_only_when_training(key, batch):
     base = infonce_inbatch(model, *batch, tau=0.5)[0]
     assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=True)[0] == base
     assert infonce_inbatch(model, *batch, tau=0.5, key=key, inference=False)[0] != base
+
+
+# ------------------------------------------------------------------ sampled in-batch negatives (issue 14)
+
+
+@pytest.mark.parametrize("batch_size, num", [(2, 1), (5, 2), (8, 7), (16, 3)])
+def test_sampled_negatives_are_distinct_others(batch_size, num):
+    """Every row holds k distinct indices in [0, b), never its own, and over draws every other example shows up."""
+    seen = np.zeros((batch_size, batch_size), bool)
+    draw = jax.jit(sample_negative_indices, static_argnums=(1, 2))
+    for seed in range(60):  # P(a pair is never drawn) <= (1 - 3/15)^60 ~ 2e-6 for the sparsest case
+        index = np.asarray(draw(jax.random.key(seed), batch_size, num))
+        assert index.shape == (batch_size, num) and index.dtype == np.int32
+        assert ((index >= 0) & (index < batch_size)).all()
+        assert not (index == np.arange(batch_size)[:, None]).any()
+        assert all(len(set(row)) == num for row in index)
+        seen[np.arange(batch_size)[:, None], index] = True
+    np.testing.assert_array_equal(seen, ~np.eye(batch_size, dtype=bool))
+    for bad in (0, batch_size):
+        with pytest.raises(ValueError, match="num_negatives"):
+            sample_negative_indices(jax.random.key(0), batch_size, bad)
+
+
+def test_sampled_with_all_others_equals_inbatch_and_naive(naive_reference):
+    """k = b - 1 in a fixed scrambled order: the same loss and gradients as the naive b² form."""
+    model, (context, actions, mask), ref, ref_grads = naive_reference
+    b = actions.shape[0]
+    offsets = np.asarray([3, 6, 1, 5, 2, 7, 4])  # a fixed permutation of 1..b-1
+    index = jnp.asarray((np.arange(b)[:, None] + offsets[None, :]) % b, jnp.int32)
+    loss_fn = lambda m: infonce_sampled(m, context, actions, mask, index, tau=0.5)  # noqa: E731
+    (loss, metrics), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    full = infonce_inbatch(model, context, actions, mask, tau=0.5)[1]
+    for name in METRIC_KEYS:
+        np.testing.assert_allclose(metrics[name], full[name], rtol=1e-5, err_msg=name)
+
+
+def test_sampled_loss_scores_only_the_drawn_pairs(key, batch):
+    """k < b - 1: the CE over [E_ii, E_i n_i1..k] taken from the full pairwise matrix."""
+    model = EnergyModel(CFG, key=key)
+    context, actions, mask = batch
+    index = sample_negative_indices(jax.random.key(5), actions.shape[0], 3)
+    loss, metrics = infonce_sampled(model, context, actions, mask, index, tau=0.5)
+    energies = np.asarray(jax.vmap(lambda c, m: jax.vmap(lambda a: model(c, a, m))(actions))(context, mask))
+    rows = np.arange(actions.shape[0])[:, None]
+    picked = np.concatenate([energies[rows, rows], energies[rows, np.asarray(index)]], axis=1)
+    logits = -picked / 0.5
+    expected = np.mean(np.log(np.exp(logits).sum(1)) - logits[:, 0])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["e_neg"], picked[:, 1:].mean(), rtol=1e-5)
+    assert metrics["accuracy"] == pytest.approx(np.mean(picked.argmin(1) == 0))
+
+
+def test_step_loss_with_num_negatives(key, batch):
+    """loss.num_negatives routes the step's in-batch loss through sampled negatives: with k = b - 1 it is
+    the full loss (dropout on, same keys), with fewer it differs; the config rejects k with other kinds."""
+    model = EnergyModel(CFG, key=key)
+    full = energy_loss_fn(LossConfig())(model, *batch, key)[0]
+    all_others = energy_loss_fn(LossConfig(num_negatives=batch[1].shape[0] - 1))(model, *batch, key)[0]
+    np.testing.assert_allclose(all_others, full, rtol=1e-5)
+    assert abs(float(energy_loss_fn(LossConfig(num_negatives=2))(model, *batch, key)[0] - full)) > 1e-3
+    for bad in ({"num_negatives": 0}, {"num_negatives": 2, "kind": "hinge"}, {"num_negatives": 2, "chunk": 4}):
+        with pytest.raises(ValueError, match="num_negatives"):
+            LossConfig(**bad)
+
+
+def test_sampled_loss_rejects_the_positive_among_negatives(key, batch):
+    model = EnergyModel(CFG, key=key)
+    index = jnp.zeros((batch[1].shape[0], 2), jnp.int32).at[:, 1].set(1)  # row 0 holds 0, row 1 holds 1
+    with pytest.raises(Exception, match="own index"):
+        infonce_sampled(model, *batch, index, tau=0.5)
+
+
+def test_sampled_and_pooled_gradients_match_central_differences(key):
+    """d loss / d params along a random direction vs central differences (f64), with context pooling on:
+    the two new paths together on a tiny case (b=4, k=2, L=3)."""
+    cfg = dataclasses.replace(CFG, context_latents=3, hidden=16)
+    context, actions, mask = synthetic_batch(key, 4, valid_tokens=6)
+    actions = jax.random.normal(jax.random.fold_in(key, 7), actions.shape)  # off the ReLU kinks of the ramps
+    index = sample_negative_indices(jax.random.key(1), 4, 2)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        to64 = lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x  # noqa: E731
+        model, context, actions = jax.tree.map(to64, (EnergyModel(cfg, key=key), context, actions))
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        loss = jax.jit(lambda p: infonce_sampled(eqx.combine(p, static), context, actions, mask, index, tau=0.5)[0])
+        grads = jax.jit(jax.grad(loss))(params)
+        leaves, treedef = jax.tree.flatten(params)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            direction = jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=x.shape)) for x in leaves])
+            eps = 1e-6
+            shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, params, direction)  # noqa: E731
+            fd = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
+            analytic = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+            np.testing.assert_allclose(analytic, fd, rtol=1e-6)
+        pooling_grad = jnp.abs(grads.pooling.latents).max()
+        assert pooling_grad > 1e-6  # the latents are trained through the pairwise scores
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 # ------------------------------------------------------------------ policy-sample candidates

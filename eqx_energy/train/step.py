@@ -77,6 +77,9 @@ def energy_loss_fn(cfg: LossConfig) -> Callable[..., tuple[Float[Array, ""], dic
             return losses.policy_ranking(
                 energy, context, actions, mask, samples, tau=tau, weighted=cfg.rank_weighted, key=drop_key
             )
+        if cfg.kind == "infonce_inbatch" and cfg.num_negatives is not None:
+            index = losses.sample_negative_indices(neg_key, actions.shape[0], cfg.num_negatives)
+            return losses.infonce_sampled(energy, context, actions, mask, index, tau=tau, key=drop_key)
         if cfg.kind == "infonce_inbatch":
             return losses.infonce_inbatch(energy, context, actions, mask, tau=tau, key=drop_key, chunk=cfg.chunk)
         negatives = sampler(neg_key, actions)
