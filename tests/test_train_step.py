@@ -16,7 +16,7 @@ from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.train import loop
 from eqx_energy.train.model import build_model, trainable_spec
 from eqx_energy.train.optim import group_labels, make_optimizer
-from eqx_energy.train.sharding import FSDP, fsdp_shardings, make_mesh, shard_batch
+from eqx_energy.train.sharding import FSDP, fsdp_shardings, init_sharded, make_mesh, shard_batch
 from eqx_energy.train.step import _loss, init_state, make_train_step
 
 
@@ -31,8 +31,14 @@ def setup(tmp_path_factory):
                              batch_size=cfg.data.batch_size, seed=0)
     it = iter(pipeline)
     batches = [jax.tree.map(np.asarray, next(it)) for _ in range(3)]
-    model = build_model(cfg, jax.random.key(0))
-    return cfg, model, batches
+    return cfg, fresh_model(cfg), batches
+
+
+def fresh_model(cfg):
+    """`build_model(cfg, key 0)` on the default device, under one jit (built eagerly, every random op
+    would compile on its own)."""
+    one_device = make_mesh(1, 1, devices=jax.devices()[:1])
+    return init_sharded(functools.partial(build_model, cfg), jax.random.key(0), mesh=one_device)
 
 
 def snapshot(tree):
@@ -237,7 +243,7 @@ def test_policy_softmax_energy_only_step_lowers_loss(setup):
     when learned), and 30 steps on one batch, fresh samples each step, lower the loss."""
     cfg, _, batches = setup
     cfg = policy_loss_config(cfg, learn_tau=True)
-    model = build_model(cfg, jax.random.key(0))
+    model = fresh_model(cfg)
     trainable, frozen = eqx.partition(model, trainable_spec(model, "energy_only"))
     params = eqx.filter(trainable, eqx.is_inexact_array)
     labels = group_labels(params)
