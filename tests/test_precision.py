@@ -90,6 +90,7 @@ def energy_only_pair(setup, tmp_path_factory):
             for dtype in ("bfloat16", "float32")}
 
 
+@pytest.mark.slow  # compiles the energy_only step twice (bf16 and f32 backbone)
 def test_bf16_backbone_energy_only_step_matches_f32(setup, energy_only_pair):
     """One energy_only step with a bf16 backbone against the f32-backbone step on the same weights: the
     loss within 1e-3 relative (measured 3e-5); the gradient, read from Adam's moments (mu = 0.1 x the
