@@ -8,7 +8,9 @@ FLOPs: `compiled.cost_analysis()["flops"]` of the same compiled function.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -82,6 +84,18 @@ def compiled_stats(jitted, *args) -> tuple[jax.stages.Compiled, dict[str, float]
         "argument_bytes": float(memory.argument_size_in_bytes),
         "flops": float(cost.get("flops", 0.0)),
     }
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Every `jax.lax.scan` traced inside is unrolled: XLA's cost analysis counts a while-loop body
+    once, so with the layer scans rolled it counts one layer of each stack, not all of them."""
+    scan = jax.lax.scan
+    jax.lax.scan = functools.partial(scan, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
 
 
 def energy_batch(shape: dict, batch: int, *, action_dim: int, seed: int = 0):

@@ -19,15 +19,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import compiled_stats, emit, machine, policy_batch, time_interleaved
+from _common import compiled_stats, emit, machine, policy_batch, time_interleaved, unrolled_scans
 from eqx_energy.energy import EnergyConfig, EnergyModel
 from eqx_energy.policy.energy_sampling import GuidanceConfig, guided_sample, sample_actions_with_energy_correction
 from eqx_energy.policy.pi0 import Observation, Pi0, Pi0Config, init_pi0
@@ -35,17 +33,6 @@ from eqx_energy.select import score_candidates, select
 from eqx_energy.train.config import TrainConfig, load_config
 
 NUM_STEPS = 10
-
-
-@contextlib.contextmanager
-def _unrolled_scans():
-    """Every `jax.lax.scan` traced inside is unrolled (cost analysis then counts each layer, not one)."""
-    scan = jax.lax.scan
-    jax.lax.scan = functools.partial(scan, unroll=True)
-    try:
-        yield
-    finally:
-        jax.lax.scan = scan
 
 
 def real_shape_flops(num_samples: int) -> dict:
@@ -72,7 +59,7 @@ def real_shape_flops(num_samples: int) -> dict:
         return score_candidates(energy, jax.vmap(energy.encode_context)(context, mask), candidates)
 
     state = jax.ShapeDtypeStruct((1, p), jnp.float32)
-    with _unrolled_scans():
+    with unrolled_scans():
         flops = {"prefix": compiled_stats(jax.jit(prefill), params, obs)[1]["flops"]}
         for n in (1, num_samples):
             x = jax.ShapeDtypeStruct((1, h, p) if n == 1 else (1, n, h, p), jnp.float32)
