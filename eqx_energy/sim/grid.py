@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from eqx_energy._files import atomic_write
 from eqx_energy.checkpoints.load_run import LoadedRun
 from eqx_energy.policy.energy_sampling import METHODS, InferenceConfig
