@@ -11,6 +11,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MUJOCO_GL", "egl")
+# No persistent compilation cache: with a warm one (jax 0.10.2, CPU) a worker aborted inside a cached
+# train step (tests/test_sim_policy.py's run_dir fixture), twice in one run.
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

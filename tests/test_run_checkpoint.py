@@ -1,5 +1,6 @@
 """Run checkpoints: bit-exact round trip incl. the data iterator, keep-last-N, sharded restore, errors."""
 
+import json
 import os
 import shutil
 
@@ -147,6 +148,61 @@ def test_restore_onto_sharded_template(tmp_path, key):
     assert w.sharding == NamedSharding(mesh, P("fsdp", None))
     assert w.addressable_shards[0].data.shape == (4, 8)
     assert bits(r.params) == bits(params)
+
+
+class Grown(eqx.Module):
+    """`Container` after a release added optional parts: a submodule that is off (None) and an array
+    that is None unless set."""
+
+    policy: eqx.nn.Linear
+    energy: eqx.nn.MLP
+    pooling: eqx.nn.Linear | None
+    extra: jax.Array | None = None
+
+
+def test_checkpoint_from_before_an_optional_field_restores(tmp_path, key):
+    """Orbax records None fields; a checkpoint saved before `pooling` existed still restores into
+    today's tree with pooling off, bit for bit. A real array difference is a clear error."""
+    params, opt_state, ema = make_state(key)
+    with RunCheckpoints(tmp_path) as ckpt:
+        ckpt.save(1, params=params, opt_state=opt_state, ema=ema, skipped=0, config=CONFIG)
+    r = RunCheckpoints(tmp_path).restore(ema=abstract(Grown(ema.policy, ema.energy, None)))
+    assert r.ema.pooling is None and bits(r.ema) == bits(ema)
+    before = snapshot(tmp_path)
+    larger = Grown(params.policy, params.energy, None, jnp.zeros(3))
+    with pytest.raises(CheckpointError, match=r"checkpoints/1/params holds different arrays than this model: "
+                       r"missing extra; unexpected none\. .*left untouched"):
+        RunCheckpoints(tmp_path).restore(params=abstract(larger))
+    assert snapshot(tmp_path) == before
+
+
+def test_data_position_resumes_on_another_process_count(tmp_path, key):
+    """A run saved by 2 processes (one grain file each) resumes in 1 process at the same global batch;
+    positions that disagree are an error, not a guess."""
+    from eqx_energy.data.pipeline import make_pipeline
+
+    params, opt_state, _ = make_state(key)
+    pipeline = lambda **shard: make_pipeline(list(range(40)), None, batch_size=4, seed=1, threads=0, **shard)  # noqa: E731
+    procs = [iter(pipeline(shard_index=i, shard_count=2)) for i in range(2)]
+    for it in procs:
+        for _ in range(3):
+            next(it)
+    with RunCheckpoints(tmp_path) as ckpt:
+        ckpt.save(3, params=params, opt_state=opt_state, skipped=0, config=CONFIG, data_iter=procs[0])
+    data = tmp_path / "checkpoints" / "3" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    (data / "process_1-of-2.json").write_text(json.dumps(procs[1].get_state(), indent=4))
+    one = iter(pipeline())
+    RunCheckpoints(tmp_path).restore(params=abstract(params), data_iter=one)
+    for _ in range(2):
+        np.testing.assert_array_equal(next(one), np.concatenate([next(procs[0]), next(procs[1])]))
+
+    (data / "process_1-of-2.json").write_text(json.dumps(procs[1].get_state(), indent=4))  # now 2 batches ahead
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no data position for process 0 of 1, and its 2 saved positions "
+                       r"\(process_0-of-2.json, process_1-of-2.json\) are not one position to share"):
+        RunCheckpoints(tmp_path).restore(params=abstract(params), data_iter=iter(pipeline()))
+    assert snapshot(tmp_path) == before
 
 
 def test_missing_checkpoint_errors(tmp_path, key):

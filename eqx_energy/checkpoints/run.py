@@ -17,6 +17,7 @@ alone, never `opt_state`). Errors name the checkpoint path and never delete or o
 """
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -97,6 +98,61 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _leaf_paths(tree: PyTree) -> set[tuple[str, ...]]:
+    """Array leaves by path (attribute, key or index names), as orbax stores them."""
+    name = lambda k: str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(map(name, p)) for p, x in leaves if isinstance(x, (jax.ShapeDtypeStruct, ocp.metadata.ArrayMetadata))}
+
+
+def _tree_restore(item_dir: Path, template: PyTree) -> ocp.args.PyTreeRestore:
+    """Restore args for one array item, matched to the checkpoint leaf by leaf.
+
+    Orbax records a module's None fields too, so a checkpoint saved before an optional submodule
+    existed (`energy.pooling`, off) would not restore into today's tree. The arrays are compared by
+    path instead: they must be the same set (else CheckpointError), and None fields may differ.
+    """
+    on_disk = _leaf_paths(ocp.PyTreeCheckpointHandler().metadata(item_dir.absolute()).tree)
+    wanted = _leaf_paths(template)
+    if on_disk != wanted:
+        show = lambda paths: ", ".join(".".join(p) for p in sorted(paths)[:5]) + (" ..." if len(paths) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint item {item_dir} holds different arrays than this model: "
+            f"missing {show(wanted - on_disk) or 'none'}; unexpected {show(on_disk - wanted) or 'none'}. "
+            "It was saved with another model setup (check the run's config); it was left untouched"
+        )
+    template = _with_sharding(template)
+    return ocp.args.PyTreeRestore(
+        template, restore_args=ocp.checkpoint_utils.construct_restore_args(template), partial_restore=True
+    )
+
+
+def _restore_data_position(data_dir: Path, data_iter: Iterator) -> None:
+    """Move `data_iter` to the position saved in `data_dir` (grain's files, one per process), also
+    when the run resumes on a different number of processes.
+
+    Every process iterates over the same global batch indices (it decodes only its rows of each,
+    `data.pipeline`), so the processes' saved states are equal, and any process count can resume
+    from them. grain's own handler reads only `process_<i>-of-<n>.json` for today's n.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    mine = data_dir / f"process_{index}-of-{count}.json"
+    if not mine.exists():
+        saved = sorted(data_dir.glob("process_*-of-*.json"))
+        states = {f.read_text() for f in saved}
+        if len(states) != 1:
+            raise CheckpointError(
+                f"{data_dir} has no data position for process {index} of {count}, and its "
+                f"{len(saved)} saved positions ({', '.join(f.name for f in saved) or 'none'}) are not one "
+                "position to share; it was left untouched"
+            )
+        mine = saved[0]
+    state = mine.read_text()
+    data_iter.set_state(json.loads(state) if isinstance(data_iter, grain.DatasetIterator) else state.encode())
+    if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
+
+
 def _with_sharding(template: PyTree) -> PyTree:
     """Give template leaves without a sharding the default device's, so orbax need not guess."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -154,13 +210,13 @@ class RunCheckpoints:
             )
         self._manager.wait_until_finished()  # surface a failed previous save before starting another
         items = {
-            "params": ocp.args.StandardSave(params),
-            "opt_state": ocp.args.StandardSave(opt_state),
+            "params": ocp.args.PyTreeSave(params),
+            "opt_state": ocp.args.PyTreeSave(opt_state),
             "config": ocp.args.JsonSave(_jsonable(config)),
             "meta": ocp.args.JsonSave({"step": int(step), "skipped": int(skipped)}),
         }
         if ema is not None:
-            items["ema"] = ocp.args.StandardSave(ema)
+            items["ema"] = ocp.args.PyTreeSave(ema)
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if norm_stats is not None:
@@ -193,25 +249,32 @@ class RunCheckpoints:
                 f"checkpoint {path} does not exist; available steps: {self.steps or 'none'}"
             )
         present = {p.name for p in path.iterdir() if p.is_dir()}
-        templates = {"params": params, "opt_state": opt_state, "ema": ema}
-        items = {name: ocp.args.StandardRestore(_with_sharding(t)) for name, t in templates.items() if t is not None}
-        items["meta"] = ocp.args.JsonRestore()
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        if missing := sorted(set(items) - present):
+        templates = {name: t for name, t in (("params", params), ("opt_state", opt_state), ("ema", ema)) if t is not None}
+        requested = {*templates, "meta", *(["data"] if data_iter is not None else [])}
+        if missing := sorted(requested - present):
             raise CheckpointError(
                 f"checkpoint {path} is incomplete or from a different setup: missing {', '.join(missing)} "
                 f"(has {', '.join(sorted(present)) or 'nothing'}); it was left untouched"
             )
-        items |= {name: ocp.args.JsonRestore() for name in ("config", "norm_stats") if name in present}
         try:
+            items = {name: _tree_restore(path / name, t) for name, t in templates.items()}
+            items["meta"] = ocp.args.JsonRestore()
+            items |= {name: ocp.args.JsonRestore() for name in ("config", "norm_stats") if name in present}
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except CheckpointError:
+            raise
         except Exception as e:  # orbax, tensorstore, json and grain raise many types
             reason = " ".join(str(e).split())[:300]
             raise CheckpointError(
                 f"checkpoint {path} could not be read ({type(e).__name__}: {reason}); it was left untouched. "
                 f"Restore an earlier step (available: {self.steps}) or move this one away"
             ) from e
+        if data_iter is not None:
+            try:
+                _restore_data_position(path / "data", data_iter)
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"checkpoint {path}: the data position could not be read ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]}); it was left untouched") from e
         meta = out["meta"]
         if meta.get("step") != step:
             raise CheckpointError(f"checkpoint {path} records step {meta.get('step')}, expected {step}")
