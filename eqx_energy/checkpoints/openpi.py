@@ -209,18 +209,23 @@ def load_openpi_params(
 
 
 def save_openpi_params(
-    pi0: Pi0, params_dir: str | pathlib.Path, *, value_level: bool = False, chunk_bytes: int | None = 64 * 2**20
+    pi0: Pi0, params_dir: str | pathlib.Path, *, value_level: bool = False, chunk_bytes: int | None = 64 * 2**20,
+    in_flight_gib: int = 1,
 ) -> pathlib.Path:
     """Write `pi0` as openpi's `<checkpoint>/params` (orbax PyTree `{"params": ...}`, leaves as stored in pi0).
 
     `value_level=True` writes openpi's training-checkpoint layout (every path ends in `value`). Arrays
     are stored in chunks of at most `chunk_bytes`, so a load decodes (and casts) one chunk at a time;
     None writes one chunk per array, as openpi's saver does (a load then decodes a whole leaf at once).
+    At most `in_flight_gib` of arrays are being copied and encoded at once: orbax's default (every
+    leaf at once) needs about three times the model's bytes, more than a full-size Pi0 fits in 24 GB.
     """
     params_dir = pathlib.Path(params_dir).absolute()
     tree = {"params": _nest(openpi_leaves(pi0), ("value",) if value_level else ())}
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
-    ocp.PyTreeCheckpointer().save(params_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=in_flight_gib, save_device_host_concurrent_gb=in_flight_gib)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(params_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args))
     return params_dir
 
 
