@@ -168,10 +168,6 @@ def all_finite(tree: PyTree) -> Bool[Array, ""]:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _select(ok: Bool[Array, ""], new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o) if eqx.is_array(n) else n, new, old)
-
-
 def guarded_update(
     optimizer: Optimizer,
     grads: PyTree,
@@ -193,10 +189,15 @@ def guarded_update(
     finite = jnp.isfinite(loss) & all_finite(grads)
     updates, new_state = optimizer.update(grads, opt_state, params)
     new_params = eqx.apply_updates(params, updates)
-    new_ema = None if ema is None else _select(finite, ema_update(ema, new_params, ema_decay), ema)
+    new_ema = None if ema is None else ema_update(ema, new_params, ema_decay)
+    # One conditional rather than a `where` per leaf: XLA would fuse a copy of the all-leaves
+    # finiteness reduction into every leaf's select (on CPU, 38k ops and 4x a tiny step's compile).
+    dynamic, static = eqx.partition(((new_params, new_state, new_ema), (params, opt_state, ema)), eqx.is_array)
+    chosen = jax.lax.cond(finite, lambda d: d[0], lambda d: d[1], dynamic)
+    new_params, new_state, new_ema = eqx.combine(chosen, static[0])
     return Update(
-        params=_select(finite, new_params, params),
-        opt_state=_select(finite, new_state, opt_state),
+        params=new_params,
+        opt_state=new_state,
         ema=new_ema,
         skipped=skipped + jnp.where(finite, 0, 1).astype(skipped.dtype),
         finite=finite,
