@@ -178,10 +178,10 @@ def place(tree, mesh):
                         is_leaf=lambda x: x is None)
 
 
-@pytest.mark.slow  # compiles the policy's backward pass (or three sharded steps)
+@pytest.mark.slow  # compiles the policy's backward pass (here: one single-device and one sharded step)
 def test_sharded_step_equals_single_device(setup):
-    """energy_only (FSDP-sharded frozen backbone, batch split over all devices) on meshes (8, 1)
-    and (4, 2) gives the single-device step's losses and Adam moments after two steps. (Parameters
+    """energy_only (FSDP-sharded frozen backbone, batch split over data and fsdp) on a (4, 2) mesh
+    gives the single-device step's losses and Adam moments after two steps. (Parameters
     are not compared: Adam's first updates are lr * g / (|g| + eps), so an entry with g ~ eps flips
     sign under a different reduction order.)"""
     cfg, model, batches = setup
@@ -199,13 +199,11 @@ def test_sharded_step_equals_single_device(setup):
 
     with jax.default_matmul_precision("highest"):
         ref_loss, ref_params = two_steps(None)
-        for shape in ((8, 1), (4, 2)):
-            mesh = make_mesh(*shape)
-            loss, params = two_steps(mesh)
-            np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-            for a, b in zip(params, ref_params, strict=True):
-                # f32 reductions split over devices sum in another order: 1e-4 of the leaf's scale
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b), initial=1e-3)))
+        loss, params = two_steps(make_mesh(4, 2))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for a, b in zip(params, ref_params, strict=True):
+            # f32 reductions split over devices sum in another order: 1e-4 of the leaf's scale
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b), initial=1e-3)))
 
 
 def test_parameter_layout_follows_mesh_rules(setup):
