@@ -191,7 +191,7 @@ def guarded_update(
     new_params = eqx.apply_updates(params, updates)
     new_ema = None if ema is None else ema_update(ema, new_params, ema_decay)
     # One conditional rather than a `where` per leaf: XLA would fuse a copy of the all-leaves
-    # finiteness reduction into every leaf's select (on CPU, 38k ops and 4x a tiny step's compile).
+    # finiteness reduction into every leaf's select (on CPU: 38k ops, the tiny step 134k -> 52k HLO lines).
     dynamic, static = eqx.partition(((new_params, new_state, new_ema), (params, opt_state, ema)), eqx.is_array)
     chosen = jax.lax.cond(finite, lambda d: d[0], lambda d: d[1], dynamic)
     new_params, new_state, new_ema = eqx.combine(chosen, static[0])
