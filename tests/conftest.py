@@ -7,7 +7,9 @@ and bit-equality ones included, passes at both levels. jaxtyping + beartype chec
 function in `eqx_energy` is switched on by pytest's `--jaxtyping-packages` option (pyproject.toml).
 """
 
+import fcntl
 import os
+import shutil
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,8 +27,21 @@ def key():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """(run dir, dataset dir) of a tiny Pi0 + energy trained 2 joint steps (tests/tiny_run.py)."""
+def tiny_run(tmp_path_factory, worker_id):
+    """(run dir, dataset dir) of a tiny Pi0 + energy trained 2 joint steps (tests/tiny_run.py), read-only.
+
+    Trained once per test session: xdist workers share it through a lock in the session's temp root,
+    the first to ask builds it and the others wait (training it costs ~80 s on a worker)."""
     from tiny_run import make_tiny_run
 
-    return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    if worker_id == "master":  # no xdist: the base temp dir is this session's own
+        return make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    root = tmp_path_factory.getbasetemp().parent / "tiny_run"  # one per xdist session
+    with open(root.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "built"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # left half-built by a worker that died
+            make_tiny_run(root)
+            done.touch()
+    return root / "run", root / "data"

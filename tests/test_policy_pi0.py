@@ -1,5 +1,6 @@
 """Pi0 / Pi0.5: openpi's parameter counts and tree, KV-cached sampling, masks, the flow loss."""
 
+import functools
 import pathlib
 
 import equinox as eqx
@@ -15,6 +16,7 @@ from eqx_energy.policy.pi0 import Observation, Pi0, Pi0Config, count_params, ini
 REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
+@functools.cache  # one per config for the whole module (building it compiles the perturbation)
 def perturbed(cfg: Pi0Config, seed: int = 0) -> Pi0:
     """A tiny policy whose zero-initialised leaves (SigLIP head, norms, biases) are made non-zero."""
     model = init_pi0(cfg, key=jax.random.key(seed))

@@ -115,10 +115,11 @@ def test_subprocess_error_is_one_line(tmp_path):
 def test_demo_trains_then_resumes(tmp_path, dataset, capsys):
     """demo.yaml at a reduced step count on the tiny dataset: 2 steps, then the same command with
     steps=4 is refused (a changed config) until --allow-config-change, which resumes from the
-    step-2 checkpoint, finishes, and logs the change in the run."""
+    step-2 checkpoint, finishes, and logs the change in the run. (The lr schedule's length is fixed, so
+    the resumed run's step is the first run's, compiled once.)"""
     common = ["--config", "demo", "--run-dir", str(tmp_path), "--no-progress", "--set", f"data.root={dataset}",
-              "--set", "optim.warmup_steps=1", "--set", "train.log_interval=1", "--set", "train.checkpoint_interval=2",
-              "--set", "data.batch_size=8"]
+              "--set", "optim.warmup_steps=1", "--set", "optim.decay_steps=8", "--set", "train.log_interval=1",
+              "--set", "train.checkpoint_interval=2", "--set", "data.batch_size=8"]
     assert train.main([*common, "--set", "train.steps=2"]) == 0
     assert RunCheckpoints(tmp_path).latest_step == 2
     assert "train.steps: 2 -> 4" in fails(capsys, [*common, "--set", "train.steps=4"])

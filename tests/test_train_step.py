@@ -63,7 +63,8 @@ def make(cfg, model, mode):
         optimizer = make_optimizer(cfg.optim, group_labels(params), total_steps=cfg.train.steps)
         _STEPS[mode] = optimizer, make_train_step(optimizer, mode=mode, loss_cfg=cfg.loss, ema_decay=0.9)
     optimizer, step = _STEPS[mode]
-    return frozen, init_state(trainable, optimizer, ema=True), step
+    # committed to device 0 like the step's outputs, so the second call does not compile again
+    return frozen, jax.device_put(init_state(trainable, optimizer, ema=True), jax.devices()[0]), step
 
 
 MODES = {"energy_only": ("energy_only", False), "monitor": ("monitor", False),
@@ -248,7 +249,7 @@ def test_policy_softmax_energy_only_step_lowers_loss(setup):
     assert labels.energy.log_tau == "energy"
     optimizer = make_optimizer(cfg.optim, labels, total_steps=30)
     step = make_train_step(optimizer, mode="energy_only", loss_cfg=cfg.loss)
-    state = init_state(trainable, optimizer, ema=False)
+    state = jax.device_put(init_state(trainable, optimizer, ema=False), jax.devices()[0])  # committed: one compile
     policy_before = snapshot(frozen.policy)
     losses = []
     for i in range(30):

@@ -15,6 +15,9 @@ Trainable vs frozen is an `eqx.partition` filter spec over this container, built
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
@@ -24,10 +27,10 @@ from jax.sharding import Mesh
 from jaxtyping import PyTree
 
 from eqx_energy.checkpoints.openpi import load_openpi_params
-from eqx_energy.energy import EnergyModel
-from eqx_energy.policy.pi0 import Pi0
+from eqx_energy.energy import EnergyConfig, EnergyModel
+from eqx_energy.policy.pi0 import Pi0, Pi0Config
 from eqx_energy.train.config import TrainConfig
-from eqx_energy.train.sharding import FSDP_MIN_BYTES, init_sharded, sharded_shapes
+from eqx_energy.train.sharding import FSDP_MIN_BYTES, sharded_initializer, sharded_shapes
 
 Mode = Literal["energy_only", "joint", "monitor"]
 
@@ -84,9 +87,33 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def build_model(cfg: TrainConfig, key: jax.Array) -> RunModel:
     """A fresh policy and energy head from `key` (f32, on the default device; `init_model` builds
     a run's model sharded from this)."""
+    return _build(_ModelSpec.of(cfg), key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelSpec:
+    """What of a TrainConfig decides the model's values: `build_model` reads nothing else."""
+
+    policy: Pi0Config
+    energy: EnergyConfig
+    learn_tau: float | None  # the initial temperature when it is learned
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> _ModelSpec:
+        return cls(cfg.policy.model, cfg.energy, cfg.loss.tau if cfg.loss.learn_tau else None)
+
+
+def _build(spec: _ModelSpec, key: jax.Array) -> RunModel:
     policy_key, energy_key = jax.random.split(key)
-    learn_tau = cfg.loss.tau if cfg.loss.learn_tau else None
-    return RunModel(policy=Pi0(cfg.policy.model, key=policy_key), energy=EnergyModel(cfg.energy, key=energy_key, learn_tau=learn_tau))
+    return RunModel(policy=Pi0(spec.policy, key=policy_key), energy=EnergyModel(spec.energy, key=energy_key, learn_tau=spec.learn_tau))
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(spec: _ModelSpec, dtype: str | None, create: PyTree, mesh: Mesh, min_bytes: int) -> Callable:
+    """key -> the leaves `create` marks of the model in `dtype`, sharded: compiled once per process for
+    a model, so a resume, `load_run` after training or a second run reuse it."""
+    build = lambda k: eqx.filter(_cast_policy(_build(spec, k), dtype), create)  # noqa: E731
+    return sharded_initializer(build, jax.random.key(0), mesh=mesh, min_bytes=min_bytes)
 
 
 def init_model(
@@ -110,7 +137,7 @@ def init_model(
     openpi = cfg.policy.checkpoint is not None
     if openpi:  # the policy comes from the checkpoint, never from the key
         create = eqx.tree_at(lambda m: m.policy, create, jax.tree.map(lambda _: False, create.policy))
-    fresh = init_sharded(lambda k: eqx.filter(build(k), create), key, mesh=mesh, min_bytes=min_bytes)
+    fresh = _initializer(_ModelSpec.of(cfg), dtype, create, mesh, min_bytes)(key)
     model = eqx.combine(fresh, shapes)
     if openpi and not (restoring and cfg.train.mode != "energy_only"):  # a trained policy is restored instead
         policy_shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None, shapes.policy)

@@ -14,6 +14,7 @@ bit-identical (`jnp.where`) and a counter goes up. Unlike `optax.apply_if_finite
 the update after `max_consecutive_errors` failures, this never applies a non-finite update.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -127,8 +128,22 @@ def make_optimizer(
     cfg: OptimConfig, labels: PyTree, *, total_steps: int, energy_warm_steps: int = 0
 ) -> Optimizer:
     """AdamW + clipping + schedule for each group named in `labels` (a tree of "energy"/"policy"
-    strings matching the trainable params, e.g. from `group_labels`)."""
-    present = set(jax.tree.leaves(labels))
+    strings matching the trainable params, e.g. from `group_labels`).
+
+    Arguments that give the same schedules give the same Optimizer object, so the train step built
+    on it (`make_train_step`, cached too) and its compiled program are reused by a later run in the
+    same process: a resume, a sweep, a notebook. (`total_steps` counts only as the schedule's length,
+    when `cfg.decay_steps` is None.)
+    """
+    length = cfg.decay_steps if cfg.decay_steps is not None else total_steps
+    leaves, treedef = jax.tree.flatten(labels)
+    return _make_optimizer(cfg, tuple(leaves), treedef, length, energy_warm_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_optimizer(cfg: OptimConfig, leaves: tuple, treedef, length: int, energy_warm_steps: int) -> Optimizer:
+    labels = jax.tree.unflatten(treedef, leaves)
+    present = set(leaves)
     unknown = present - set(GROUPS)
     if unknown:
         raise ValueError(
@@ -142,7 +157,7 @@ def make_optimizer(
     starts = {"energy": energy_warm_steps, "policy": 0}
     transforms, schedules = {}, []
     for group in (g for g in GROUPS if g in present):
-        schedule = lr_schedule(cfg, peaks[group], total_steps)
+        schedule = lr_schedule(cfg, peaks[group], length)
         tx = optax.chain(
             optax.clip_by_global_norm(cfg.clip_norm),
             optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask),

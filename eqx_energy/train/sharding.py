@@ -122,14 +122,22 @@ def init_sharded(
     train state). Compiled without optimisation: an init is run once, and an optimised compile of a
     large model costs ~10x the init itself on a CPU.
     """
-    shapes, static = eqx.partition(eqx.filter_eval_shape(init, *args), _is_shape)
+    return sharded_initializer(init, *args, mesh=mesh, min_bytes=min_bytes, donate=donate)(*args)
+
+
+def sharded_initializer(
+    init: Callable[..., PyTree], *examples: PyTree, mesh: Mesh, min_bytes: int = FSDP_MIN_BYTES, donate: bool = False
+) -> Callable[..., PyTree]:
+    """`init_sharded`'s compiled program, for arguments shaped and placed like `examples`: call it
+    on such arguments as often as needed (one compile)."""
+    shapes, static = eqx.partition(eqx.filter_eval_shape(init, *examples), _is_shape)
     out_shardings = fsdp_shardings(shapes, mesh, min_bytes)
     arrays = lambda *a: eqx.filter(init(*a), eqx.is_array)  # noqa: E731
-    jitted = jax.jit(arrays, out_shardings=out_shardings, donate_argnums=tuple(range(len(args))) if donate else ())
-    compiled = jitted.lower(*args).compile(
+    jitted = jax.jit(arrays, out_shardings=out_shardings, donate_argnums=tuple(range(len(examples))) if donate else ())
+    compiled = jitted.lower(*examples).compile(
         compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
     )
-    return eqx.combine(compiled(*args), static)
+    return lambda *args: eqx.combine(compiled(*args), static)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -141,6 +141,7 @@ def _loss(trainable, frozen, batch, key, *, mode: Mode, loss_cfg: LossConfig, gr
     return total, metrics
 
 
+@functools.lru_cache(maxsize=8)  # one jitted step (and compiled program) per optimizer and loss
 def make_train_step(
     optimizer: Optimizer,
     *,
