@@ -21,6 +21,22 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+# The files that keep a worker busiest, longest first (measured: BENCHMARKS.md, "The test suite's time").
+# `make test` runs each file on one worker (--dist loadfile, so module fixtures are built once) and hands
+# files out in collection order: starting the long ones first lets both workers finish together.
+LONGEST_FIRST = (
+    "test_train_step.py", "test_losses.py", "test_policy_pi0.py", "test_train_cli.py", "test_correct_cli.py",
+    "test_learning.py", "test_train_loop.py", "test_multiprocess.py", "test_precision.py", "test_correct.py",
+    "test_load_run.py", "test_serve_policy.py", "test_sim_policy.py", "test_sharding.py", "test_energy.py",
+    "test_policy_energy_sampling.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)

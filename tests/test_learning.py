@@ -12,6 +12,10 @@ from eqx_energy.losses import infonce_inbatch
 from eqx_energy.policy.pi0 import Observation, Pi0Config, init_pi0
 from eqx_energy.synthetic import synthetic_batch
 
+# These loops run hundreds of steps: optimised code (half the time per step at -O0's cost) pays for its
+# longer compile. The rest of the suite compiles at -O0 (tests/conftest.py).
+OPTIMISED = {"compiler_options": {"xla_backend_optimization_level": 2}}
+
 
 def test_infonce_learns_and_correction_reduces_mse():
     key = jax.random.key(0)
@@ -20,7 +24,7 @@ def test_infonce_learns_and_correction_reduces_mse():
     optimizer = optax.adamw(3e-3)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
-    @eqx.filter_jit
+    @eqx.filter_jit(**OPTIMISED)
     def step(model, opt_state, key):
         batch = synthetic_batch(key, 32, valid_tokens=6)
         loss_fn = lambda m: infonce_inbatch(m, *batch, tau=0.5)  # noqa: E731
@@ -65,7 +69,7 @@ def test_pi0_imitates_a_state_conditioned_map():
     optimizer = optax.adam(optax.warmup_cosine_decay_schedule(1e-4, 2e-3, 50, 600, 2e-4))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
-    @eqx.filter_jit
+    @eqx.filter_jit(**OPTIMISED)
     def step(model, opt_state, key):
         data_key, loss_key = jax.random.split(key)
         obs, actions = batch(data_key, 64)

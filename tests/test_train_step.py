@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_train_loop import tiny_config, write_tiny_dataset
+from test_train_loop import read_metrics, tiny_config, write_tiny_dataset
 
 from eqx_energy.data.pipeline import make_pipeline
 from eqx_energy.train import loop
-from eqx_energy.train.model import build_model, trainable_spec
+from eqx_energy.checkpoints.run import RunCheckpoints, abstract
+from eqx_energy.train.config import TrainConfig, from_dict
+from eqx_energy.train.model import build_model, init_model, trainable_spec
 from eqx_energy.train.optim import group_labels, make_optimizer
 from eqx_energy.train.sharding import FSDP, fsdp_shardings, init_sharded, make_mesh, shard_batch
 from eqx_energy.train.step import _loss, init_state, make_train_step
@@ -158,16 +160,20 @@ def test_energy_grad_to_backbone_switch(grads):
     assert max(float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(diff)) > 1e-6
 
 
-@pytest.mark.slow  # compiles the policy's backward pass (or three sharded steps)
-def test_joint_step_moves_policy_and_energy(setup):
-    cfg, model, batches = setup
-    frozen, state, step = make(cfg, model, "joint")
-    policy_before, energy_before = snapshot(state.params.policy), snapshot(state.params.energy)
-    state, metrics = step(frozen, state, batches[0], jax.random.key(0))
-    assert np.isfinite(metrics["flow_loss"]) and np.isfinite(metrics["energy/loss"])
-    assert float(metrics["lr/energy"]) > 0 and float(metrics["lr/policy"]) > 0
-    assert not bit_equal(snapshot(state.params.policy), policy_before)
-    assert not bit_equal(snapshot(state.params.energy), energy_before)
+def test_joint_run_moves_policy_and_energy(tiny_run):
+    """joint, through the real loop (the tiny run's 2 steps): finite flow and energy losses, a positive lr
+    for both groups, and saved params that differ from the initial ones in the policy and the energy."""
+    run_dir, _ = tiny_run
+    for record in read_metrics(run_dir):
+        assert np.isfinite(record["flow_loss"]) and np.isfinite(record["energy/loss"])
+        assert record["lr/energy"] > 0 and record["lr/policy"] > 0
+    with RunCheckpoints(run_dir) as checkpoints:
+        cfg = from_dict(TrainConfig, checkpoints.restore().config)
+        initial, _ = init_model(cfg, make_mesh(*cfg.train.mesh))  # the run's own init (values don't depend on the mesh)
+        initial = eqx.filter(initial, eqx.is_inexact_array)
+        saved = checkpoints.restore(params=abstract(initial)).params
+    assert not bit_equal(snapshot(saved.policy), snapshot(initial.policy))
+    assert not bit_equal(snapshot(saved.energy), snapshot(initial.energy))
 
 
 MIN_BYTES = 16 * 1024  # small enough that the tiny model's larger leaves are FSDP-sharded
@@ -182,7 +188,8 @@ def place(tree, mesh):
 @pytest.mark.slow  # compiles the policy's backward pass (here: one single-device and one sharded step)
 def test_sharded_step_equals_single_device(setup):
     """energy_only (FSDP-sharded frozen backbone, batch split over data and fsdp) on a (4, 2) mesh
-    gives the single-device step's losses and Adam moments after two steps. (Parameters
+    gives the single-device step's losses and Adam moments after two steps, and every state leaf keeps
+    its sharding. (Parameters
     are not compared: Adam's first updates are lr * g / (|g| + eps), so an entry with g ~ eps flips
     sign under a different reduction order.)"""
     cfg, model, batches = setup
@@ -191,20 +198,22 @@ def test_sharded_step_equals_single_device(setup):
         frozen, state, step = make(cfg, model, "energy_only")
         if mesh is not None:
             frozen, state = place(frozen, mesh), place(state, mesh)
+        layout = [x.sharding for x in jax.tree.leaves(state)]
         out = []
         for i in range(2):
             batch = batches[i] if mesh is None else shard_batch(batches[i], mesh)
             state, metrics = step(frozen, state, batch, jax.random.key(i))
             out.append(float(metrics["loss"]))
+            # the state keeps its layout (else the next step would compile again)
+            assert [x.sharding for x in jax.tree.leaves(state)] == layout
         return out, snapshot(state.opt_state)
 
-    with jax.default_matmul_precision("highest"):
-        ref_loss, ref_params = two_steps(None)
-        loss, params = two_steps(make_mesh(4, 2))
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-        for a, b in zip(params, ref_params, strict=True):
-            # f32 reductions split over devices sum in another order: 1e-4 of the leaf's scale
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b), initial=1e-3)))
+    ref_loss, ref_params = two_steps(None)  # f32 matmuls in f32 (the CPU's only precision): the step compiled above
+    loss, params = two_steps(make_mesh(4, 2))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(params, ref_params, strict=True):
+        # f32 reductions split over devices sum in another order: 1e-4 of the leaf's scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b), initial=1e-3)))
 
 
 def test_parameter_layout_follows_mesh_rules(setup):

@@ -152,12 +152,17 @@ def make_train_step(
 ) -> Callable[[PyTree, TrainState, dict[str, Any], PRNGKeyArray], tuple[TrainState, dict]]:
     """`step(frozen, state, batch, key) -> (state, metrics)`, jitted; state and batch are donated.
 
-    Callers pass key = fold_in(train_key, step), so a resumed run draws the same randomness.
+    Callers pass key = fold_in(train_key, step), so a resumed run draws the same randomness. The new
+    state keeps the old one's shardings: left to itself the compiler FSDP-shards small replicated
+    leaves too, and the next step, given a state laid out anew, compiles again.
     """
     loss = functools.partial(_loss, mode=mode, loss_cfg=loss_cfg, grad_to_backbone=grad_to_backbone)
 
-    @eqx.filter_jit(donate="all-except-first")
     def step(frozen: PyTree, state: TrainState, batch: dict[str, Any], key: PRNGKeyArray):
+        return jitted_step(frozen, state, batch, key, jax.tree.map(lambda x: x.sharding, state))
+
+    @eqx.filter_jit(donate="all-except-first")
+    def jitted_step(frozen: PyTree, state: TrainState, batch: dict[str, Any], key: PRNGKeyArray, shardings: PyTree):
         (total, metrics), grads = eqx.filter_value_and_grad(loss, has_aux=True)(state.params, frozen, batch, key)
         update = guarded_update(
             optimizer, grads, state.opt_state, state.params,
@@ -171,6 +176,6 @@ def make_train_step(
             **{f"lr/{group}": lr for group, lr in optimizer.learning_rates(state.opt_state).items()},
         }
         new_state = TrainState(update.params, update.opt_state, update.ema, state.step + 1, update.skipped)
-        return new_state, metrics
+        return eqx.filter_shard(new_state, shardings), metrics
 
     return step
