@@ -37,12 +37,16 @@ def test_load_run_restores_trained_ema(tiny):
     assert all(np.array_equal(a, b) for a, b in zip(leaves(run), leaves(same)))
 
 
+# Every eval here uses these settings (batches of 3): their sampling, guidance and correction programs
+# compile once for the module.
+SETTINGS = ["--batch-size", "3", "--alpha-sweep", "0.01,0.3", "--steps", "0,2", "--sigmas", "0.5",
+            "--num-samples", "1,3", "--guide-scales", "0,0.5"]
+
+
 def test_eval_writes_report_table_and_plots(tiny, tmp_path, capsys):
     run_dir, _ = tiny
     out = tmp_path / "eval"
-    rc = correct_cli.main(["--ckpt", str(run_dir), "--frames", "6", "--batch-size", "3", "--alpha-sweep", "0.01,0.3",
-                           "--steps", "0,2", "--sigmas", "0.5", "--num-samples", "1,3", "--guide-scales", "0,0.5",
-                           "--out", str(out)])
+    rc = correct_cli.main(["--ckpt", str(run_dir), "--frames", "6", *SETTINGS, "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     for plot in ("sweep.png", "energy_hist.png", "selection.png"):
@@ -85,8 +89,7 @@ def test_eval_never_overwrites_an_earlier_evaluation(tiny, tmp_path, capsys):
     """The same --out twice: the second report goes to OUT-2 (printed), the first stays byte for byte."""
     run_dir, _ = tiny
     out = tmp_path / "eval"
-    argv = ["--ckpt", str(run_dir), "--frames", "3", "--batch-size", "3", "--steps", "1", "--sigmas", "0.5",
-            "--out", str(out)]
+    argv = ["--ckpt", str(run_dir), "--frames", "3", *SETTINGS, "--out", str(out)]
     assert correct_cli.main([*argv, "--seed", "1"]) == 0
     first = (out / "report.json").read_bytes()
     assert correct_cli.main([*argv, "--seed", "2"]) == 0
