@@ -103,16 +103,18 @@ class _ModelSpec:
         return cls(cfg.policy.model, cfg.energy, cfg.loss.tau if cfg.loss.learn_tau else None)
 
 
-def _build(spec: _ModelSpec, key: jax.Array) -> RunModel:
+def _build(spec: _ModelSpec, key: jax.Array, dtype: str | None = None) -> RunModel:
+    """`spec`'s model from `key`, the policy cast to `dtype` (None: f32 as built)."""
     policy_key, energy_key = jax.random.split(key)
-    return RunModel(policy=Pi0(spec.policy, key=policy_key), energy=EnergyModel(spec.energy, key=energy_key, learn_tau=spec.learn_tau))
+    model = RunModel(policy=Pi0(spec.policy, key=policy_key), energy=EnergyModel(spec.energy, key=energy_key, learn_tau=spec.learn_tau))
+    return _cast_policy(model, dtype)
 
 
 @functools.lru_cache(maxsize=8)
 def _initializer(spec: _ModelSpec, dtype: str | None, create: PyTree, mesh: Mesh, min_bytes: int) -> Callable:
     """key -> the leaves `create` marks of the model in `dtype`, sharded: compiled once per process for
     a model, so a resume, `load_run` after training or a second run reuse it."""
-    build = lambda k: eqx.filter(_cast_policy(_build(spec, k), dtype), create)  # noqa: E731
+    build = lambda k: eqx.filter(_build(spec, k, dtype), create)  # noqa: E731
     return sharded_initializer(build, jax.random.key(0), mesh=mesh, min_bytes=min_bytes)
 
 
@@ -130,14 +132,14 @@ def init_model(
     """
     key = run_keys(cfg.train.seed)[0]
     dtype = policy_dtype(cfg)
-    build = lambda k: _cast_policy(build_model(cfg, k), dtype)  # noqa: E731
-    shapes = sharded_shapes(eqx.filter_eval_shape(build, key), mesh, min_bytes)
+    model_spec = _ModelSpec.of(cfg)
+    shapes = sharded_shapes(eqx.filter_eval_shape(_build, model_spec, key, dtype), mesh, min_bytes)
     spec = trainable_spec(shapes, cfg.train.mode)
     create = jax.tree.map(lambda trained: not (restoring and trained), spec)
     openpi = cfg.policy.checkpoint is not None
     if openpi:  # the policy comes from the checkpoint, never from the key
         create = eqx.tree_at(lambda m: m.policy, create, jax.tree.map(lambda _: False, create.policy))
-    fresh = _initializer(_ModelSpec.of(cfg), dtype, create, mesh, min_bytes)(key)
+    fresh = _initializer(model_spec, dtype, create, mesh, min_bytes)(key)
     model = eqx.combine(fresh, shapes)
     if openpi and not (restoring and cfg.train.mode != "energy_only"):  # a trained policy is restored instead
         policy_shardings = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None, shapes.policy)
