@@ -10,8 +10,25 @@ function in `eqx_energy` is switched on by pytest's `--jaxtyping-packages` optio
 import fcntl
 import os
 import shutil
+import subprocess
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+XLA_TEST_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# XLA:CPU's legacy fusion emitters compile a tiny train step in 60% of the MLIR emitters' time (the
+# new ones build an MLIR context per kernel; a step has ~1000 kernels). An XLA that no longer knows
+# the flag aborts on it, so it is probed once in a child process (xdist workers inherit the result).
+FAST_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flags: str) -> bool:
+    probe = "import jax; jax.devices()"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
+
+
+if "XLA_FLAGS" not in os.environ:
+    fast = f"{XLA_TEST_FLAGS} {FAST_EMITTERS}"
+    os.environ["XLA_FLAGS"] = fast if _xla_accepts(fast) else XLA_TEST_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MUJOCO_GL", "egl")
 # No persistent compilation cache: with a warm one (jax 0.10.2, CPU) a worker aborted inside a cached

@@ -39,10 +39,12 @@ def _free_port() -> int:
 
 def _launch(config: Path, run_dir: Path, port: int, process_id: int) -> subprocess.Popen:
     """`python train.py` as process `process_id` of a job whose coordinator is 127.0.0.1:`port`."""
+    # the suite's compile flags (conftest.py), with 4 fake devices in place of 8
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=4"]),
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",  # cross-process collectives on CPU
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
         "JAX_NUM_PROCESSES": str(PROCESSES),
