@@ -36,22 +36,53 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from xdist.scheduler import LoadScopeScheduling  # noqa: E402
 
 
-# The files that keep a worker busiest, longest first (measured: BENCHMARKS.md, "The test suite's time").
-# `make test` runs each file on one worker (--dist loadfile, so module fixtures are built once) and hands
-# files out in collection order: starting the long ones first lets both workers finish together.
-LONGEST_FIRST = (
-    "test_train_step.py", "test_losses.py", "test_policy_pi0.py", "test_train_cli.py", "test_correct_cli.py",
-    "test_learning.py", "test_train_loop.py", "test_multiprocess.py", "test_precision.py", "test_correct.py",
-    "test_load_run.py", "test_serve_policy.py", "test_sim_policy.py", "test_sharding.py", "test_energy.py",
-    "test_policy_energy_sampling.py",
+# How `make test` splits the suite over its two workers (--dist loadfile, refined here): each unit below
+# runs whole on one worker, and units are handed out in this order, longest first, then every other file
+# as a unit of its own. Files in a unit share one process's compiled programs (the cached model
+# initializer, train step and optimizer, jax's op cache) and the trained tiny run, so a program several
+# files need compiles once. Measured per unit: BENCHMARKS.md, "The test suite's time".
+WORK_UNITS = (
+    # tiny training runs in each mode: the same model initializers and train steps
+    ("test_train_loop.py", "test_precision.py", "test_sharding.py", "test_train_cli.py", "test_multiprocess.py",
+     "test_sim_policy.py"),
+    # the trained tiny run (`tiny_run`), its train step's gradients, and everything that loads or serves it
+    ("test_train_step.py", "test_load_run.py", "test_serve_policy.py", "test_correct_cli.py",
+     "test_serve_policy_methods.py", "test_serve_cli.py", "test_export_policy.py"),
+    # the energy head, its losses and correction at the same tiny shapes
+    ("test_losses.py", "test_energy.py", "test_correct.py", "test_select.py"),
+    # the tiny Pi0: sampling, guidance, openpi checkpoints
+    ("test_policy_pi0.py", "test_policy_energy_sampling.py", "test_checkpoint_openpi.py", "test_policy_ops.py"),
+    ("test_learning.py",),
+    ("test_sim_evaluate.py",),
 )
+_POSITION = {name: (i, j) for i, unit in enumerate(WORK_UNITS) for j, name in enumerate(unit)}
+_REST = (len(WORK_UNITS), 0)
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+
+
+class WorkUnitScheduling(LoadScopeScheduling):
+    """loadfile, with the files of one WORK_UNITS entry as one scope, handed out in collection order."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        name = _file(nodeid)
+        return f"unit {_POSITION[name][0]}" if name in _POSITION else name
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    config.option.loadscopereorder = False  # keep WORK_UNITS' order (xdist would sort scopes by test count)
+    return WorkUnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    items.sort(key=lambda item: _POSITION.get(item.path.name, _REST))  # stable: the rest keep their order
 
 
 @pytest.fixture
