@@ -32,7 +32,7 @@ def test_infonce_learns_and_correction_reduces_mse():
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), opt_state, metrics
 
-    for i in range(120):
+    for i in range(60):  # held-out accuracy ~0.7 and MSE ratio ~0.83 from step 40 on (0.66, 0.83 at 120)
         model, opt_state, metrics = step(model, opt_state, jax.random.fold_in(key, i))
 
     context, actions, mask = synthetic_batch(jax.random.key(99), 32, valid_tokens=6)

@@ -2,6 +2,7 @@
 state created and restored straight into its shardings (per-device bytes bounded throughout)."""
 
 import collections
+import functools
 import os
 import socket
 import subprocess
@@ -217,14 +218,21 @@ def _device_bytes() -> collections.Counter:
     out = collections.Counter()
     for x in jax.live_arrays():
         try:
-            if x.is_deleted() or jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            if x.is_deleted():
                 continue
-            shard = int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+            shard, devices = _shard_bytes(x.shape, x.dtype, x.sharding)
         except RuntimeError:  # deleted (donated) by the main thread since live_arrays() listed it
             continue
-        for device in x.sharding.device_set:
+        for device in devices:
             out[device] += shard
     return out
+
+
+@functools.cache  # the poller reads every live array each millisecond: keep the per-array work a lookup
+def _shard_bytes(shape, dtype, sharding) -> tuple[int, frozenset]:
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return 0, frozenset()
+    return int(np.prod(sharding.shard_shape(shape))) * dtype.itemsize, frozenset(sharding.device_set)
 
 
 class PeakDeviceBytes:
