@@ -62,16 +62,17 @@ _POSITION = {name: (i, j) for i, unit in enumerate(WORK_UNITS) for j, name in en
 _REST = (len(WORK_UNITS), 0)
 
 
-def _file(nodeid: str) -> str:
-    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+def work_unit(nodeid: str) -> str:
+    """The scope a test runs in: its file's WORK_UNITS entry, else the file alone."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return f"unit {_POSITION[name][0]}" if name in _POSITION else name
 
 
 class WorkUnitScheduling(LoadScopeScheduling):
     """loadfile, with the files of one WORK_UNITS entry as one scope, handed out in collection order."""
 
     def _split_scope(self, nodeid: str) -> str:
-        name = _file(nodeid)
-        return f"unit {_POSITION[name][0]}" if name in _POSITION else name
+        return work_unit(nodeid)
 
 
 def pytest_xdist_make_scheduler(config, log):

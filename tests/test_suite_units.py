@@ -4,7 +4,7 @@ and the scheduler puts a unit's files in one scope and any other file in a scope
 from collections import Counter
 from pathlib import Path
 
-from conftest import WORK_UNITS, WorkUnitScheduling
+from conftest import WORK_UNITS, work_unit
 
 TESTS = Path(__file__).resolve().parent
 
@@ -16,8 +16,7 @@ def test_work_units_name_existing_files_once():
 
 
 def test_a_units_files_share_one_scope():
-    scope = WorkUnitScheduling._split_scope
     first, second = WORK_UNITS[0][:2]
-    assert scope(None, f"tests/{first}::test_a") == scope(None, f"tests/{second}::test_b[x]")
-    assert scope(None, "tests/test_files.py::test_a") == "test_files.py"
-    assert scope(None, "tests/test_files.py::test_a") != scope(None, f"tests/{first}::test_a")
+    assert work_unit(f"tests/{first}::test_a") == work_unit(f"tests/{second}::test_b[x]")
+    assert work_unit("tests/test_files.py::test_a") == "test_files.py"
+    assert work_unit("tests/test_files.py::test_a") != work_unit(f"tests/{first}::test_a")
