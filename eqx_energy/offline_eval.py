@@ -25,6 +25,7 @@ MSEs average over valid chunk steps (frames past an episode's end are excluded).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Bool, Float
+from jaxtyping import Array, Bool, Float
 from tqdm.auto import tqdm
 
 from eqx_energy import losses
@@ -43,7 +44,7 @@ from eqx_energy.data.source import LeRobotSource
 from eqx_energy.data.transforms import Compose
 from eqx_energy.policy.energy_sampling import GuidanceConfig, InferenceConfig, infer
 from eqx_energy.policy.pi0 import Observation
-from eqx_energy.select import score_candidates, select
+from eqx_energy.select import select
 from eqx_energy.train.inputs import model_inputs
 
 
@@ -116,14 +117,15 @@ def _energies(energy, context, actions, mask) -> np.ndarray:
     return np.asarray(energy_and_grad(energy, context, actions, mask)[0])
 
 
-def _negatives(key, expert: Float[np.ndarray, "b h a"], sigmas) -> dict[str, np.ndarray]:
+@functools.partial(jax.jit, static_argnames="sigmas")
+def _negatives(key, expert: Float[Array, "b h a"], sigmas: tuple[float, ...]) -> dict[str, Array]:
+    """Negative chunks by name, as one program (run eagerly, each random op would compile on its own)."""
     noise_key, shuffle_key = jax.random.split(key)
-    a = jnp.asarray(expert)
-    gauss = losses.gaussian_negatives(noise_key, a, jnp.asarray(sigmas, jnp.float32))
-    out = {f"gauss_{s:g}": np.asarray(gauss[:, k]) for k, s in enumerate(sigmas)}
-    out["shuffle"] = np.asarray(losses.shuffle_negatives(shuffle_key, a)[:, 0])
-    if a.shape[0] > 1:
-        out["other_chunk"] = np.asarray(losses.swap_negatives(a)[:, 0])
+    gauss = losses.gaussian_negatives(noise_key, expert, jnp.asarray(sigmas, jnp.float32))
+    out = {f"gauss_{s:g}": gauss[:, k] for k, s in enumerate(sigmas)}
+    out["shuffle"] = losses.shuffle_negatives(shuffle_key, expert)[:, 0]
+    if expert.shape[0] > 1:
+        out["other_chunk"] = losses.swap_negatives(expert)[:, 0]
     return out
 
 
@@ -148,8 +150,8 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
         sampled = candidates[:, 0]  # the plain sample: candidate 0 of every n
         acc["valid"].append(valid)
         acc["expert"].append((expert, _energies(energy, context, jnp.asarray(expert), mask)))
-        for name, neg in _negatives(neg_key, expert, settings.sigmas).items():
-            acc["neg"].setdefault(name, []).append(_energies(energy, context, jnp.asarray(neg), mask))
+        for name, neg in _negatives(neg_key, jnp.asarray(expert), tuple(settings.sigmas)).items():
+            acc["neg"].setdefault(name, []).append(_energies(energy, context, neg, mask))
         noise = settings.correct_sigma * np.asarray(jax.random.normal(pert_key, expert.shape))
         perturbed = expert_padded.copy()
         perturbed[..., :action_dim] += noise
@@ -172,10 +174,8 @@ def _candidate_results(acc: dict, run: LoadedRun, obs: Observation, key, drawn: 
     policy, energy = run.model.policy, run.model.energy
     action_dim, steps = energy.action_dim, run.cfg.policy.sample_steps
     candidates, context, mask = drawn
-    scores = np.asarray(score_candidates(
-        energy, jax.vmap(energy.encode_context)(context, mask), candidates[..., :action_dim].astype(jnp.float32)
-    ))
-    acc.setdefault("sample_energies", []).append(scores)
+    _, every = select(energy, context, candidates, mask)  # the energies of all of them (as n = max(num_samples))
+    acc.setdefault("sample_energies", []).append(np.asarray(every.energies))
     acc.setdefault("samples", []).append(np.asarray(candidates[..., :action_dim]))
     for n in settings.num_samples:
         chosen, _ = select(energy, context, candidates[:, :n], mask)

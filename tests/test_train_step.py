@@ -52,21 +52,23 @@ def bit_equal(a, b):
     return len(a) == len(b) and all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in zip(a, b))
 
 
+# init_state under jit: run eagerly, its copies and the optimizer's zeros compile once per leaf shape
+fresh_state = eqx.filter_jit(init_state)
+
 _STEPS = {}  # mode -> (optimizer, jitted step): compiled once per mode for this module's model
 
 
 def make(cfg, model, mode):
-    """(frozen, fresh state, step) for `mode`. The state gets copies of the trainable arrays: the
-    step donates its state, and the module's model must survive for the next test."""
+    """(frozen, fresh state, step) for `mode`. The state holds copies of the trainable arrays
+    (init_state's): the step donates its state, and the module's model must survive for the next test."""
     trainable, frozen = eqx.partition(model, trainable_spec(model, mode))
-    trainable = jax.tree.map(jnp.copy, trainable)
     params = eqx.filter(trainable, eqx.is_inexact_array)
     if mode not in _STEPS:
         optimizer = make_optimizer(cfg.optim, group_labels(params), total_steps=cfg.train.steps)
         _STEPS[mode] = optimizer, make_train_step(optimizer, mode=mode, loss_cfg=cfg.loss, ema_decay=0.9)
     optimizer, step = _STEPS[mode]
     # committed to device 0 like the step's outputs, so the second call does not compile again
-    return frozen, jax.device_put(init_state(trainable, optimizer, ema=True), jax.devices()[0]), step
+    return frozen, jax.device_put(fresh_state(trainable, optimizer, ema=True), jax.devices()[0]), step
 
 
 MODES = {"energy_only": ("energy_only", False), "monitor": ("monitor", False),
@@ -258,7 +260,7 @@ def test_policy_softmax_energy_only_step_lowers_loss(setup):
     assert labels.energy.log_tau == "energy"
     optimizer = make_optimizer(cfg.optim, labels, total_steps=30)
     step = make_train_step(optimizer, mode="energy_only", loss_cfg=cfg.loss)
-    state = jax.device_put(init_state(trainable, optimizer, ema=False), jax.devices()[0])  # committed: one compile
+    state = jax.device_put(fresh_state(trainable, optimizer, ema=False), jax.devices()[0])  # committed: one compile
     policy_before = snapshot(frozen.policy)
     losses = []
     for i in range(30):
@@ -271,21 +273,18 @@ def test_policy_softmax_energy_only_step_lowers_loss(setup):
 
 
 @pytest.mark.slow  # compiles the policy's backward pass
-def test_joint_policy_samples_give_the_policy_no_gradient(setup):
+def test_joint_policy_samples_give_the_policy_no_gradient(setup, grads):
     """joint mode draws the current policy's samples under stop_gradient: with the context stopped
-    too, the policy's gradient is the flow loss's alone (== monitor's), and the energy's is nonzero."""
+    too, the policy's gradient is the flow loss's alone (== monitor's, whose flow loss draws the same
+    noise and time from the same key whatever the energy loss), and the energy's is nonzero."""
     cfg, model, batches = setup
-    loss_cfg = policy_loss_config(cfg).loss
+    loss = functools.partial(_loss, mode="joint", loss_cfg=policy_loss_config(cfg).loss, grad_to_backbone=False)
 
     @eqx.filter_jit
-    def both(model, batch, key):
+    def joint_grads(model, batch, key):
         params, rest = eqx.partition(model, eqx.is_inexact_array)
-        out = {}
-        for mode in ("joint", "monitor"):
-            loss = functools.partial(_loss, mode=mode, loss_cfg=loss_cfg, grad_to_backbone=False)
-            out[mode] = eqx.filter_grad(lambda p, loss=loss: loss(p, rest, batch, key)[0])(params)
-        return out
+        return eqx.filter_grad(lambda p: loss(p, rest, batch, key)[0])(params)
 
-    g = both(model, batches[0], jax.random.key(1))
-    assert nonzero(g["joint"].energy)
-    assert allclose(g["joint"].policy, g["monitor"].policy, rtol=1e-4, atol=1e-6)
+    g = joint_grads(model, batches[0], jax.random.key(1))  # the batch and key of `grads`
+    assert nonzero(g.energy)
+    assert allclose(g.policy, grads["monitor"].policy, rtol=1e-4, atol=1e-6)
