@@ -10,35 +10,64 @@ from eqx_energy.synthetic import synthetic_batch
 
 CFG = EnergyConfig(context_dim=32, action_dim=4, hidden=32, num_heads=4, output="softplus")
 PADDED = 7
+# `correct` and `energy_and_grad` are jitted; the checks' own jax work is too: run eagerly, every
+# primitive compiles on its own (~0.1 s at -O0). Arithmetic on their results is numpy on host copies.
+jit = eqx.filter_jit
 
 
-@pytest.fixture
-def setup(key):
+@pytest.fixture(scope="module")
+def setup():
+    """Model (built eagerly: a jitted initializer compiles the whole random init, ~2.5 s), context,
+    actions, the actions padded to PADDED dims with noise, mask; key 0."""
+    key = jax.random.key(0)
     model = EnergyModel(CFG, key=key)
-    context, actions, mask = synthetic_batch(key, 4, valid_tokens=6)
-    padded = jnp.concatenate([actions, jax.random.normal(key, (*actions.shape[:2], PADDED - 4))], -1)
+
+    @jit
+    def batch(key):
+        context, actions, mask = synthetic_batch(key, 4, valid_tokens=6)
+        padded = jnp.concatenate([actions, jax.random.normal(key, (*actions.shape[:2], PADDED - 4))], -1)
+        return context, actions, padded, mask
+
+    context, actions, padded, mask = batch(key)
     return model, context, actions, padded, mask
+
+
+@jit
+def energies(model, context, actions, mask):
+    """E(c_i, a_i[..., :action_dim]) of every example, the model's plain __call__."""
+    return jax.vmap(model)(context, actions[..., : model.action_dim], mask)
+
+
+def _with(x, index, value):
+    """A host copy of x with x[index] = value (`.at[].set` run eagerly would compile a scatter)."""
+    x = np.array(x)
+    x[index] = value
+    return x
 
 
 def test_energy_and_grad_matches_central_differences(setup, key):
     model, context, _, _, mask = setup
     # generic actions: the synthetic ramps sit on a ReLU kink of this random model (one-sided slopes differ)
     actions = jax.random.normal(jax.random.fold_in(key, 7), (4, 8, 4))
-    energies, grads = energy_and_grad(model, context, actions, mask)
-    np.testing.assert_allclose(energies, jax.vmap(model)(context, actions, mask), rtol=1e-6)
+    energy, grads = energy_and_grad(model, context, actions, mask)
+    np.testing.assert_allclose(energy, energies(model, context, actions, mask), rtol=1e-6)
     # The oracle runs in f64 (ReLU kinks and f32 round-off make f32 differences unreliable).
     jax.config.update("jax_enable_x64", True)
     try:
-        to64 = lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x  # noqa: E731
+        to64 = lambda x: jnp.asarray(np.asarray(x, np.float64)) if eqx.is_inexact_array(x) else x  # noqa: E731
         model64, context64, actions64 = jax.tree.map(to64, (model, context, actions))
         _, grads64 = energy_and_grad(model64, context64, actions64, mask)
+        grads64 = np.asarray(grads64)
+        # the differences on the host, each energy one jitted call: run eagerly, every op would compile
+        context64, actions64, mask = np.asarray(context64), np.asarray(actions64), np.asarray(mask)
+        energy64 = jit(model64)
         rng = np.random.default_rng(0)
         eps = 1e-8
         for b in range(actions.shape[0]):
-            direction = jnp.asarray(rng.normal(size=actions.shape[1:]))
-            e = lambda a: model64(context64[b], a, mask[b])  # noqa: E731
+            direction = rng.normal(size=actions.shape[1:])
+            e = lambda a: energy64(context64[b], a, mask[b])  # noqa: E731
             fd = (e(actions64[b] + eps * direction) - e(actions64[b] - eps * direction)) / (2 * eps)
-            np.testing.assert_allclose(jnp.sum(grads64[b] * direction), fd, rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(np.sum(grads64[b] * direction), fd, rtol=1e-5, atol=1e-9)
     finally:
         jax.config.update("jax_enable_x64", False)
     np.testing.assert_allclose(grads, grads64, rtol=1e-4, atol=1e-7)
@@ -55,28 +84,30 @@ def test_trace_starts_at_model_energy_and_never_increases(setup):
     cfg = CorrectionConfig(steps=5, alpha=1e-3, clip_frac=10.0)
     new, trace = correct(model, context, padded, mask, cfg)
     assert trace.energy.shape == (6, 4) and trace.step_norm.shape == (5, 4) and trace.clipped.shape == (5, 4)
-    np.testing.assert_allclose(trace.energy[0], jax.vmap(model)(context, padded[..., :4], mask), rtol=1e-6)
-    np.testing.assert_allclose(trace.energy[-1], jax.vmap(model)(context, new[..., :4], mask), rtol=1e-6)
-    assert np.all(np.diff(np.asarray(trace.energy), axis=0) <= 1e-7)
-    assert np.all(trace.energy[-1] < trace.energy[0])
+    energy = np.asarray(trace.energy)
+    np.testing.assert_allclose(energy[0], energies(model, context, padded, mask), rtol=1e-6)
+    np.testing.assert_allclose(energy[-1], energies(model, context, new, mask), rtol=1e-6)
+    assert np.all(np.diff(energy, axis=0) <= 1e-7)
+    assert np.all(energy[-1] < energy[0])
 
 
 def test_clip_bound_holds_exactly(setup):
     model, context, _, padded, mask = setup
     cfg = CorrectionConfig(steps=3, alpha=100.0, clip_frac=0.05)
     new, trace = correct(model, context, padded, mask, cfg)
-    assert np.all(trace.clipped)
+    assert np.all(np.asarray(trace.clipped))
     # first step: ||a1 - a0|| == clip_frac * ||a0|| per example
     one, _ = correct(model, context, padded, mask, CorrectionConfig(steps=1, alpha=100.0, clip_frac=0.05))
-    moved = np.linalg.norm(np.asarray(one - padded).reshape(4, -1), axis=1)
-    limit = 0.05 * np.linalg.norm(np.asarray(padded[..., :4]).reshape(4, -1), axis=1)
+    padded = np.asarray(padded)
+    moved = np.linalg.norm((np.asarray(one) - padded).reshape(4, -1), axis=1)
+    limit = 0.05 * np.linalg.norm(padded[..., :4].reshape(4, -1), axis=1)
     np.testing.assert_allclose(moved, limit, rtol=1e-5)
     np.testing.assert_allclose(trace.step_norm[0], limit, rtol=1e-5)
 
 
 def test_clip_floor_lets_zero_actions_move(setup):
     model, context, _, _, mask = setup
-    zeros = jnp.zeros((4, 8, 4))
+    zeros = np.zeros((4, 8, 4), np.float32)
     new, trace = correct(model, context, zeros, mask, CorrectionConfig(steps=1, alpha=10.0, clip_floor=0.01))
     norms = np.linalg.norm(np.asarray(new).reshape(4, -1), axis=1)
     np.testing.assert_allclose(norms, 0.01, rtol=1e-5)
@@ -85,9 +116,10 @@ def test_clip_floor_lets_zero_actions_move(setup):
 def test_padding_and_first_only_untouched_bit_identical(setup):
     model, context, _, padded, mask = setup
     new, _ = correct(model, context, padded, mask, CorrectionConfig(steps=3))
+    first, _ = correct(model, context, padded, mask, CorrectionConfig(steps=3, first_only=True))
+    new, first, padded = np.asarray(new), np.asarray(first), np.asarray(padded)
     np.testing.assert_array_equal(new[..., 4:], padded[..., 4:])
     assert not np.array_equal(new[..., :4], padded[..., :4])
-    first, _ = correct(model, context, padded, mask, CorrectionConfig(steps=3, first_only=True))
     np.testing.assert_array_equal(first[:, 1:], padded[:, 1:])
     np.testing.assert_array_equal(first[..., 4:], padded[..., 4:])
     assert not np.array_equal(first[:, 0, :4], padded[:, 0, :4])
@@ -130,7 +162,7 @@ def test_config_errors(setup):
     with pytest.raises(ValueError, match="act_dim"):
         correct(model, context, padded, mask, CorrectionConfig(act_dim=7))
     with pytest.raises(ValueError, match="action_dim"):
-        correct(model, context, padded[..., :2], mask, CorrectionConfig())
+        correct(model, context, np.asarray(padded)[..., :2], mask, CorrectionConfig())
     with pytest.raises(ValueError, match="steps"):
         CorrectionConfig(steps=-1)
 
@@ -140,12 +172,12 @@ def test_non_finite_context_actions_or_result_stop_correction(setup):
     model, context, _, padded, mask = setup
     valid = tuple(int(i) for i in np.argwhere(np.asarray(mask))[0])  # (example, token) of a valid token
     with pytest.raises(eqx.EquinoxRuntimeError, match="context is non-finite on valid tokens"):
-        correct(model, context.at[valid].set(jnp.nan), padded, mask)
+        correct(model, _with(context, valid, np.nan), padded, mask)
     with pytest.raises(eqx.EquinoxRuntimeError, match="actions to correct are non-finite"):
-        correct(model, context, padded.at[1, 2, 0].set(jnp.inf), mask)
-    broken = eqx.tree_at(lambda m: m.attn_out.bias, model, jnp.full_like(model.attn_out.bias, jnp.nan))
+        correct(model, context, _with(padded, (1, 2, 0), np.inf), mask)
+    broken = eqx.tree_at(lambda m: m.attn_out.bias, model, np.full(model.attn_out.bias.shape, np.nan, np.float32))
     with pytest.raises(eqx.EquinoxRuntimeError, match="corrected actions are non-finite"):
         correct(broken, context, padded, mask)
     padding = tuple(int(i) for i in np.argwhere(~np.asarray(mask))[0])  # masked, yet 0 * NaN = NaN in attention
     with pytest.raises(eqx.EquinoxRuntimeError, match="corrected actions are non-finite"):
-        correct(model, context.at[padding].set(jnp.nan), padded, mask)
+        correct(model, _with(context, padding, np.nan), padded, mask)
