@@ -31,8 +31,9 @@ EPISODE = dict(seed=3, replan_every=2, max_steps=6, render_images=False, progres
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A state-only Pi0.5-style tiny policy + energy (one token per state bin in the prompt) trained 2 steps on
-    Meta-World-shaped data without cameras."""
+    """A state-only Pi0.5-style tiny policy + energy (one token per state bin in the prompt) on Meta-World-shaped
+    data without cameras, the energy trained 2 steps (energy_only: a joint step took ~10 s longer to compile,
+    and nothing here needs a trained policy)."""
     tmp = tmp_path_factory.mktemp("sim_policy")
     rng = np.random.default_rng(0)
     episodes = [({"state": rng.uniform(-0.5, 0.5, (n, STATE_DIM)).astype(np.float32),
@@ -50,7 +51,7 @@ def run_dir(tmp_path_factory):
                  "discrete_state": True, "holdout_fraction": 0.25,
                  "batch_size": 8},
         "optim": {"warmup_steps": 1, "ema_decay": 0.9},
-        "train": {"mode": "joint", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
+        "train": {"mode": "energy_only", "steps": 2, "log_interval": 1, "checkpoint_interval": 2, "mesh": [-1, 1]},
         "correction": {"steps": 2, "alpha": 0.1, "clip_frac": 0.2},
     })
     return train_run(cfg, tmp / "run", progress=False)
