@@ -149,8 +149,9 @@ def evaluate(run: LoadedRun, frames: list[dict], settings: EvalSettings) -> dict
         )
         sampled = candidates[:, 0]  # the plain sample: candidate 0 of every n
         acc["valid"].append(valid)
-        acc["expert"].append((expert, _energies(energy, context, jnp.asarray(expert), mask)))
-        for name, neg in _negatives(neg_key, jnp.asarray(expert), tuple(settings.sigmas)).items():
+        expert_on_device = jnp.asarray(expert)
+        acc["expert"].append((expert, _energies(energy, context, expert_on_device, mask)))
+        for name, neg in _negatives(neg_key, expert_on_device, tuple(settings.sigmas)).items():
             acc["neg"].setdefault(name, []).append(_energies(energy, context, neg, mask))
         noise = settings.correct_sigma * np.asarray(jax.random.normal(pert_key, expert.shape))
         perturbed = expert_padded.copy()
@@ -174,11 +175,11 @@ def _candidate_results(acc: dict, run: LoadedRun, obs: Observation, key, drawn: 
     policy, energy = run.model.policy, run.model.energy
     action_dim, steps = energy.action_dim, run.cfg.policy.sample_steps
     candidates, context, mask = drawn
-    _, every = select(energy, context, candidates, mask)  # the energies of all of them (as n = max(num_samples))
-    acc.setdefault("sample_energies", []).append(np.asarray(every.energies))
+    selections = {n: select(energy, context, candidates[:, :n], mask) for n in settings.num_samples}
+    # every candidate's energy: the trace of the largest n, which draws them all
+    acc.setdefault("sample_energies", []).append(np.asarray(selections[candidates.shape[1]][1].energies))
     acc.setdefault("samples", []).append(np.asarray(candidates[..., :action_dim]))
-    for n in settings.num_samples:
-        chosen, _ = select(energy, context, candidates[:, :n], mask)
+    for n, (chosen, _) in selections.items():
         acc.setdefault("selected", {}).setdefault(n, []).append(np.asarray(chosen[..., :action_dim]))
     query = "x_t" if energy.config.time_conditioning else "a_hat"
     for scale, n in itertools.product(settings.guide_scales, settings.num_samples):
