@@ -56,7 +56,7 @@ def batch():
 
 def all_energies(model, context, actions, mask):
     """E(context_i, actions_j) for every pair: (b, b), one example at a time."""
-    return jax.vmap(lambda c, m: jax.vmap(lambda a: model(c, a, m))(actions))(context, mask)
+    return candidate_energies(model, context, mask, jnp.broadcast_to(actions, (actions.shape[0], *actions.shape)))
 
 
 @pytest.fixture(scope="module")
